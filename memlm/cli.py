@@ -1,0 +1,173 @@
+"""The `memlm` command: train | eval | data | compile (| export | import when available).
+
+Every user error (bad config key, missing data, mismatched checkpoint, ...) is printed as one line
+`memlm: error: ...` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from memlm.errors import UserError
+
+OVERRIDES_HELP = "config overrides as key.path=value (e.g. train.steps=100 mesh.data=8)"
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in ("absl", "orbax", "jax._src", "tensorflow", "etils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
+
+
+def _load(args):
+    from memlm.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# ---- train -------------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    cfg = _load(args)
+    from memlm.train.loop import train
+
+    result = train(cfg)
+    print(json.dumps({k: v for k, v in result.items()}, default=float))
+    return 0
+
+
+# ---- eval --------------------------------------------------------------------------------------------------
+def cmd_eval_lm(args) -> int:
+    from memlm.eval.lm import eval_lm
+
+    result = eval_lm(args.run, args.split, args.max_batches, args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# ---- compile -----------------------------------------------------------------------------------------------
+def cmd_compile(args) -> int:
+    cfg = _load(args)
+    n = args.devices or (cfg.mesh.data if cfg.mesh.data > 0 else 1) * cfg.mesh.fsdp * cfg.mesh.tensor
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", n)
+    jax.config.update("jax_platforms", "cpu")
+    import time
+
+    from memlm.sharding import mesh_from_config
+    from memlm.train import setup as setup_lib
+
+    mesh = mesh_from_config(cfg.mesh, jax.devices()[:n])
+    setup = setup_lib.build_setup(cfg, mesh)
+    spec = setup_lib.batch_spec(cfg)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sh[k]) for k, v in spec.items()}
+    step = setup_lib.jit_train_step(setup)
+    t0 = time.perf_counter()
+    with setup.activate():
+        lowered = step.lower(setup.abstract_params, setup.abstract_opt, setup.abstract_carry, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    gib = 1024**3
+    info = {
+        "config": args.config,
+        "model.kind": cfg.model.kind,
+        "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+        "devices": n,
+        "params": setup_lib.param_count(setup.abstract_params),
+        "lower_s": round(t1 - t0, 2),
+        "compile_s": round(t2 - t1, 2),
+    }
+    if mem is not None:
+        args_b, out_b = mem.argument_size_in_bytes, mem.output_size_in_bytes
+        temp_b, alias_b = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+        info.update(
+            per_device_argument_gib=round(args_b / gib, 3),
+            per_device_output_gib=round(out_b / gib, 3),
+            per_device_temp_gib=round(temp_b / gib, 3),
+            per_device_alias_gib=round(alias_b / gib, 3),
+            per_device_total_gib=round((args_b + out_b + temp_b - alias_b) / gib, 3),
+        )
+    print(f"parameters: {info['params']:,}")
+    if mem is not None:
+        print(f"per-device memory: {info['per_device_total_gib']} GiB "
+              f"(arguments {info['per_device_argument_gib']}, temporaries {info['per_device_temp_gib']})")
+    print(json.dumps(info))
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memlm", description="Long-context memory transformers in JAX/Flax.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train (or resume) a model from a YAML config",
+                       description="Train a model. Resumes automatically from the latest checkpoint in run.dir.")
+    t.add_argument("config", help="YAML config file (may use `base:` inheritance)")
+    t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compile", help="AOT-compile the train step for the configured mesh on fake CPU devices",
+                       description="Lower and compile the train step without real hardware; print the parameter "
+                                   "count and per-device memory from compiled.memory_analysis().")
+    c.add_argument("config", help="YAML config file")
+    c.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    c.add_argument("--devices", type=int, default=0,
+                   help="number of fake devices (default: the mesh size; required when mesh.data=-1)")
+    c.set_defaults(func=cmd_compile)
+
+    e = sub.add_parser("eval", help="evaluate a trained run", description="Evaluation commands.")
+    esub = e.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    lm = esub.add_parser("lm", help="token perplexity on a split of the run's data",
+                         description="Token-level perplexity (memory carried across segments).")
+    lm.add_argument("--run", required=True, help="run directory")
+    lm.add_argument("--split", default="validation", help="data split (default: validation)")
+    lm.add_argument("--max-batches", type=int, default=None, help="cap on batches (default: the whole split)")
+    lm.add_argument("--out", default=None, help="write the result JSON here")
+    lm.set_defaults(func=cmd_eval_lm)
+    _add_optional_eval(esub)
+
+    try:
+        from memlm.data.cli import add_data_commands
+
+        add_data_commands(sub)
+    except ImportError:  # pragma: no cover
+        pass
+    return p
+
+
+def _add_optional_eval(esub) -> None:
+    """BABILong / PG-19 evaluation commands (memlm.eval.commands)."""
+    try:
+        from memlm.eval.commands import add_eval_commands
+    except ImportError:
+        return
+    add_eval_commands(esub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet()
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"memlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

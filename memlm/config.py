@@ -1,0 +1,274 @@
+"""Run configuration: YAML validated by pydantic (extra="forbid"), `base:` inheritance, `a.b=c` overrides.
+
+A config file is a YAML mapping. `base: other.yaml` (a path relative to the file) is loaded first and the
+file's keys are deep-merged on top. Command-line overrides `train.steps=100` are applied last; their values
+are parsed as YAML scalars. Any unknown key or bad value raises `UserError` naming the key path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from memlm.errors import UserError
+
+MODEL_KINDS = ("baseline", "rmt", "hmt", "lm2", "titans", "landmark", "memory_layers")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Strict):
+    dir: str = "runs/default"
+    seed: int = 0
+    name: str = ""
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="0 disables the periodic eval loss")
+    eval_batches: int = Field(2, ge=1)
+    max_checkpoints: int = Field(3, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    bptt_depth: int = Field(-1, description="segments of backprop through memory; -1 = full BPTT")
+    async_checkpoint: bool = True
+    progress: bool = True
+
+
+class ModelConfig(_Strict):
+    kind: Literal[MODEL_KINDS] = "baseline"  # type: ignore[valid-type]
+    vocab_size: int = Field(259, ge=2)
+    vocab_pad_multiple: int = Field(128, ge=1, description="embedding rows are padded to a multiple of this")
+    d_model: int = Field(64, ge=1)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int = Field(0, ge=0, description="0 = same as n_heads (MHA); fewer = grouped-query")
+    head_dim: int = Field(0, ge=0, description="0 = d_model // n_heads")
+    d_ff: int = Field(0, ge=0, description="0 = 8/3 * d_model rounded to 8")
+    max_seq_len: int = Field(2048, ge=1, description="longest sequence the attention backbone accepts")
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "full"
+    attention_impl: Literal["xla", "reference"] = "xla"
+    segment_local: bool = Field(
+        False, description="baseline only: attend within each segment instead of the whole sequence"
+    )
+    init_std: float = 0.02
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.vocab_pad_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or (int(8 * self.d_model / 3) + 7) // 8 * 8
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.hd % 2:
+            raise ValueError(f"head dim ({self.hd}) must be even for RoPE")
+        return self
+
+
+class DataConfig(_Strict):
+    source: Literal["books", "text_dir", "pg19", "synthetic"] = "books"
+    path: str = "data/books"
+    tokenizer: Literal["bytes", "sentencepiece", "gpt2"] = "bytes"
+    tokenizer_path: str | None = None
+    n_segments: int = Field(1, ge=1)
+    segment_len: int = Field(128, ge=1)
+    eval_split: str = "validation"
+    cache_dir: str | None = None
+
+
+class MeshConfig(_Strict):
+    data: int = Field(-1, description="-1 = all remaining devices")
+    fsdp: int = Field(1, ge=1)
+    tensor: int = Field(1, ge=1)
+    rules: dict[str, list[str] | str | None] = Field(
+        default_factory=dict, description="overrides of the logical-axis rules table"
+    )
+
+
+class DistributedConfig(_Strict):
+    enabled: bool = Field(False, description="call jax.distributed.initialize")
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_count: int | None = Field(None, description="CPU only: fake devices per process")
+    initialization_timeout: int = 120
+
+
+class Config(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.n_segments * self.data.segment_len
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.model.kind == "baseline":
+            span = self.data.segment_len if self.model.segment_local else self.seq_len
+            if span > self.model.max_seq_len:
+                raise ValueError(
+                    f"data.n_segments*data.segment_len = {span} exceeds model.max_seq_len = "
+                    f"{self.model.max_seq_len}; the baseline has no memory (use a memory model or "
+                    "model.segment_local=true)"
+                )
+        if self.data.tokenizer == "bytes" and self.model.vocab_size < 259:
+            raise ValueError("model.vocab_size must be >= 259 for the byte tokenizer")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise UserError(f"{path}: circular `base:` inheritance")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: config file not found")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: top level must be a mapping")
+    base = raw.pop("base", None)
+    if base is not None:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        raw = _deep_merge(_read_yaml(base_path, seen + (path,)), raw)
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides; values parse as YAML scalars (`1e-3`, `true`, `[1,2]`)."""
+    raw = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise UserError(f"override {item!r}: empty key")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = parsed
+    return raw
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with `base:`), apply overrides, validate. Raises UserError on any problem."""
+    raw = _read_yaml(path) if path else {}
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw, source=path or "config")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def read_run_config(run_dir: str) -> Config:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir}: not a memlm run directory (no config.yaml)")
+    return load_config(path)
+
+
+def config_field_help() -> list[tuple[str, str, Any]]:
+    """(key path, type, default) for every config key, for `--help` and the README."""
+    rows: list[tuple[str, str, Any]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            else:
+                default = field.default_factory() if field.default_factory else field.default
+                rows.append((f"{prefix}{name}", getattr(ann, "__name__", str(ann)), default))
+
+    walk(Config, "")
+    return rows

@@ -1,0 +1,45 @@
+"""From a run config to tokenizer, corpora and batchers (the glue the trainer and evaluators call)."""
+
+from __future__ import annotations
+
+import os
+
+from memlm.errors import UserError
+
+
+def get_tokenizer(data_cfg):
+    from memlm.data.tokenizers import load_tokenizer
+
+    return load_tokenizer(data_cfg.tokenizer, data_cfg.tokenizer_path)
+
+
+def get_corpus(cfg, split: str, tokenizer):
+    """The tokenized corpus for `split` of the configured source."""
+    d = cfg.data
+    if d.source == "synthetic":
+        from memlm.data.synthetic import SyntheticCorpus
+
+        seed = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
+        return SyntheticCorpus(cfg.model.vocab_size, n_docs=64, min_len=d.segment_len,
+                               max_len=4 * d.segment_len * d.n_segments, seed=seed, eos_id=tokenizer.eos_id)
+    from memlm.data.corpus import load_corpus
+
+    if not os.path.isdir(d.path):
+        hint = " (run `memlm data fetch-books DIR` first)" if d.source in ("books", "pg19") else ""
+        raise UserError(f"data.path: directory {d.path!r} does not exist{hint}")
+    source = "pg19" if d.source in ("books", "pg19") else "text_dir"
+    cache = d.cache_dir or os.path.join(d.path, ".memlm_cache")
+    return load_corpus(source, d.path, split, tokenizer, cache_dir=cache)
+
+
+def train_batcher(cfg, corpus, slots):
+    from memlm.data.batcher import SegmentBatcher
+
+    return SegmentBatcher(corpus, cfg.train.batch_size, cfg.data.n_segments, cfg.data.segment_len,
+                          seed=cfg.run.seed, slots=slots)
+
+
+def eval_batches(cfg, corpus, num_batches: int):
+    from memlm.data.batcher import eval_batches as _eval
+
+    return _eval(corpus, cfg.train.batch_size, cfg.data.n_segments, cfg.data.segment_len, num_batches, seed=0)

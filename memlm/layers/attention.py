@@ -1,0 +1,105 @@
+"""Attention: the grouped-query attention module and the ONE dispatch point for attention kernels.
+
+`attend(q, k, v, mask, impl)` is where every attention computation goes; kernels (landmark attention, ...)
+register themselves here. Scores and softmax run in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memlm.layers.rope import apply_rope
+from memlm.sharding import constrain
+
+NEG_INF = -1e30
+
+_IMPLS: dict[str, Callable] = {}
+
+
+def register_attention(name: str, fn: Callable) -> None:
+    """Register an attention implementation `fn(q, k, v, mask) -> out` under `model.attention_impl`."""
+    _IMPLS[name] = fn
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """softmax(q k^T / sqrt(d) + mask) v with grouped-query heads.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    mask: bool, broadcastable to [batch, 1, q_len, kv_len] (True = may attend). Returns q's shape.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, NEG_INF)  # [b,1,1,t,s] over (k, g)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if mask is not None:  # rows with no visible key give zeros, not a uniform average
+        probs = jnp.where(mask[:, :, None].any(-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+register_attention("xla", reference_attention)
+register_attention("reference", reference_attention)
+
+
+def attend(q, k, v, mask, impl: str = "xla") -> jax.Array:
+    """Dispatch to the configured attention implementation (see `register_attention`)."""
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; known: {sorted(_IMPLS)}")
+    return _IMPLS[impl](q, k, v, mask)
+
+
+def causal_mask(q_pos: jax.Array, kv_pos: jax.Array, q_doc=None, kv_doc=None) -> jax.Array:
+    """Causal (and same-document) mask. *_pos: [batch, len] absolute indices; *_doc: [batch, len] ids.
+
+    Returns bool [batch, 1, q_len, kv_len].
+    """
+    m = kv_pos[:, None, :] <= q_pos[:, :, None]
+    if q_doc is not None:
+        m = m & (q_doc[:, :, None] == kv_doc[:, None, :])
+    return m[:, None]
+
+
+def _linear(din: int, dout: int, names: tuple[str, str], cfg, rngs: nnx.Rngs, std: float) -> nnx.Linear:
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=False,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), names),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with RoPE (Llama)."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, kvh, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd
+        std = cfg.init_std
+        self.wq = _linear(d, h * hd, ("embed", "heads"), cfg, rngs, std)
+        self.wk = _linear(d, kvh * hd, ("embed", "kv_heads"), cfg, rngs, std)
+        self.wv = _linear(d, kvh * hd, ("embed", "kv_heads"), cfg, rngs, std)
+        # scaled init of the residual output projection (GPT-2 / Llama practice)
+        self.wo = _linear(h * hd, d, ("heads", "embed"), cfg, rngs, std / (2 * cfg.n_layers) ** 0.5)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """x: [batch, seq, d_model]; positions: [batch, seq] (RoPE); mask: [batch, 1, seq, seq]."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.wq(x).reshape(b, t, cfg.n_heads, cfg.hd)
+        k = self.wk(x).reshape(b, t, cfg.kv_heads, cfg.hd)
+        v = self.wv(x).reshape(b, t, cfg.kv_heads, cfg.hd)
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+        q = constrain(q, ("batch", "act_seq", "act_heads", None))
+        out = attend(q, k, v, mask, cfg.attention_impl)
+        return self.wo(out.reshape(b, t, cfg.n_heads * cfg.hd))

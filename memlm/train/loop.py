@@ -1,0 +1,239 @@
+"""The training loop: data -> jitted step -> metrics -> checkpoints, resumable and preemption-safe.
+
+Read top to bottom: validate everything (config vs run dir, data, tokenizer) before writing anything; build
+the sharded state (fresh or restored from the latest checkpoint in run.dir, with the memory carry and the
+data position); loop; save on schedule, on SIGTERM and on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from memlm import config as config_lib
+from memlm import distributed
+from memlm.checkpoint import Checkpointer
+from memlm.data import pipeline
+from memlm.errors import UserError
+from memlm.metrics import MetricsWriter
+from memlm.sharding import mesh_from_config
+from memlm.train import setup as setup_lib
+from memlm.train.optimizer import lr_schedule
+
+log = logging.getLogger(__name__)
+
+# Keys that may change between runs sharing a run dir (everything else in `model`/`data` must match).
+_MUTABLE_MODEL_KEYS = {"attention_impl", "remat"}
+
+
+def check_run_dir(cfg) -> None:
+    """A run dir holding checkpoints must have been written by a compatible config. Raises UserError."""
+    run_dir = cfg.run.dir
+    saved_path = os.path.join(run_dir, "config.yaml")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+    if not has_ckpt:
+        return
+    if not os.path.isfile(saved_path):
+        raise UserError(f"{run_dir}: has checkpoints but no config.yaml; refusing to guess whether they match")
+    saved = config_lib.load_config(saved_path)
+    for section in ("model",):
+        a, b = getattr(saved, section).model_dump(), getattr(cfg, section).model_dump()
+        for key in a:
+            if key in _MUTABLE_MODEL_KEYS:
+                continue
+            if a[key] != b.get(key):
+                raise UserError(
+                    f"{run_dir}: checkpoint was written with {section}.{key}={a[key]!r} but the config says "
+                    f"{b.get(key)!r} (use another run.dir)"
+                )
+    for key in ("batch_size",):
+        if getattr(saved.train, key) != getattr(cfg.train, key):
+            raise UserError(f"{run_dir}: checkpoint was written with train.{key}={getattr(saved.train, key)}"
+                            f" but the config says {getattr(cfg.train, key)} (the memory carry has one row per"
+                            " batch slot)")
+
+
+def _data_state_path(run_dir: str, step: int, process: int) -> str:
+    return os.path.join(run_dir, "data_state", str(step), f"process_{process}.json")
+
+
+def _save_data_state(run_dir: str, step: int, state: dict) -> None:
+    path = _data_state_path(run_dir, step, jax.process_index())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+
+
+def _load_data_state(run_dir: str, step: int, fallback: dict) -> dict:
+    """Merge the per-process slot cursors saved at `step` (works when the process count changed)."""
+    d = os.path.dirname(_data_state_path(run_dir, step, 0))
+    merged: dict = {}
+    if os.path.isdir(d):
+        for name in sorted(os.listdir(d)):
+            if name.endswith(".json"):
+                with open(os.path.join(d, name)) as f:
+                    merged.update(json.load(f)["slots"])
+    if not merged:
+        merged = dict(fallback.get("slots", {}))
+    return merged
+
+
+def _prune_data_states(run_dir: str, keep_steps: list[int]) -> None:
+    base = os.path.join(run_dir, "data_state")
+    if not os.path.isdir(base) or jax.process_index() != 0:
+        return
+    for name in os.listdir(base):
+        if name.isdigit() and int(name) not in keep_steps:
+            for f in os.listdir(os.path.join(base, name)):
+                os.remove(os.path.join(base, name, f))
+            os.rmdir(os.path.join(base, name))
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def evaluate_loss(setup, eval_step, params, batches, slots) -> float:
+    """Token-mean eval loss over fixed batches, memory carried across them from a fresh state."""
+    carry = setup_lib.init_carry(setup, params)
+    total, count = 0.0, 0.0
+    with setup.activate():
+        for b in batches:
+            local = {k: v[slots] for k, v in b.items()}
+            loss_sum, n, carry = eval_step(params, carry, distributed.to_global(local, setup.batch_sh))
+            total += float(loss_sum)
+            count += float(n)
+    return total / max(count, 1.0)
+
+
+def train(cfg) -> dict:
+    """Train (or resume) the run described by `cfg`. Returns the last logged metrics."""
+    distributed.initialize(cfg.distributed)
+    run_dir = cfg.run.dir
+    check_run_dir(cfg)
+
+    # Data and tokenizer are validated before anything is written to the run dir.
+    tokenizer = pipeline.get_tokenizer(cfg.data)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size} ({tokenizer.name})")
+    corpus = pipeline.get_corpus(cfg, "train", tokenizer)
+    slots = distributed.host_slots(cfg.train.batch_size)
+    batcher = pipeline.train_batcher(cfg, corpus, slots)
+    eval_batches = []
+    if cfg.train.eval_every:
+        eval_corpus = pipeline.get_corpus(cfg, cfg.data.eval_split, tokenizer)
+        eval_batches = pipeline.eval_batches(cfg, eval_corpus, cfg.train.eval_batches)
+
+    mesh = mesh_from_config(cfg.mesh)
+    setup = setup_lib.build_setup(cfg, mesh)
+    is_main = jax.process_index() == 0
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.max_checkpoints,
+                        cfg.train.async_checkpoint)
+    start = ckpt.latest_step()
+    if start is not None:
+        params, opt_state, carry, data = ckpt.restore(start, setup.abstract_params, setup.abstract_opt,
+                                                      setup.abstract_carry)
+        slot_state = _load_data_state(run_dir, start, data.get("data_position", {}))
+        missing = [s for s in slots if str(s) not in slot_state]
+        if missing:
+            raise UserError(f"{run_dir}: checkpoint {start} has no data position for batch slots {missing}")
+        batcher.restore({"slots": {str(s): slot_state[str(s)] for s in slots}})
+        log.info("resumed from step %d", start)
+    else:
+        start = 0
+        params = setup_lib.init_params(setup, cfg.run.seed)
+        opt_state = setup_lib.init_opt_state(setup, params)
+        carry = setup_lib.init_carry(setup, params)
+
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    writer = MetricsWriter(run_dir, enabled=is_main)
+    writer.truncate_after(start)
+    step_fn = setup_lib.jit_train_step(setup)
+    eval_step = setup_lib.jit_eval_step(setup) if eval_batches else None
+    schedule = lr_schedule(cfg.train)
+    tokens_per_step = cfg.train.batch_size * cfg.data.n_segments * cfg.data.segment_len
+
+    def save(step: int, force: bool = False) -> None:
+        position = batcher.state()
+        _save_data_state(run_dir, step, position)
+        ckpt.save(step, params, opt_state, carry, position, force=force)
+        _prune_data_states(run_dir, ckpt.all_steps() + [step])
+
+    bar = None
+    if is_main and cfg.train.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    last: dict = {}
+    step = start
+    t_last, steps_since = time.perf_counter(), 0
+    with _Preemption() as preempt, setup.activate():
+        try:
+            while step < cfg.train.steps:
+                local = batcher.next()
+                batch = distributed.to_global(local, setup.batch_sh)
+                params, opt_state, carry, metrics = step_fn(params, opt_state, carry, batch)
+                step += 1
+                steps_since += 1
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    m = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    dt = (now - t_last) / steps_since
+                    t_last, steps_since = now, 0
+                    last = {k: float(np.asarray(v)) for k, v in m.items()}
+                    last.update(lr=float(schedule(step - 1)), step_time=dt, tokens_per_sec=tokens_per_step / dt)
+                    if eval_step is not None and step % cfg.train.eval_every == 0:
+                        last["eval_loss"] = evaluate_loss(setup, eval_step, params, eval_batches, slots)
+                    writer.write(step, last)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}")
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.train.checkpoint_every == 0 or preempt.requested:
+                    save(step)
+                if preempt.requested:
+                    log.warning("SIGTERM: checkpoint saved at step %d, exiting", step)
+                    break
+        except KeyboardInterrupt:
+            log.warning("interrupted: saving a checkpoint at step %d", step)
+            if step > start:
+                save(step, force=True)
+            raise
+        finally:
+            if step > start and step not in ckpt.all_steps() and not preempt.requested:
+                save(step, force=True)
+            ckpt.close()
+            writer.close()
+            if bar is not None:
+                bar.close()
+    return {"step": step, **last}

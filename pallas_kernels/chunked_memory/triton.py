@@ -1,0 +1,206 @@
+"""GPU Pallas (Triton) kernels for linear Titans memory (depth 1), inside jax.custom_vjp.
+
+Titans (arXiv 2501.00663) §3.2, eq. 16-18; the chunk algebra is documented in xla.py.
+
+Split of work:
+- XLA computes the scalar chunk coefficients from theta/eta/alpha (two associative scans on [T, b+2]
+  basis vectors, `xla.chunk_coefficients`); their gradients come from XLA autodiff of that function.
+- Forward kernel, grid (batch,): one program per sequence keeps W and S [d_k, d_v] in registers and
+  loops over chunks (fori_loop), doing the d-dimensional matmul work of each chunk
+  (E = 2(KW - V), Y = G QW + H QS + (C o QK^T) E, W' = gW + hS + K^T(CW E), S' = eS + K^T(CS E)).
+  When differentiated it also stores every chunk-start W, S as residuals ([T/b * d_k, d_v] each).
+- Backward kernel (a real Pallas kernel, not autodiff of XLA): grid (batch,), loops over chunks in
+  reverse, reads the saved chunk-start states and applies the hand-written chunk VJP
+  (`xla.linear_chunk_backward`), carrying dW, dS backwards. It returns cotangents for q, k, v, the
+  coefficients and W0, S0.
+
+Compiler params are Triton's (`pallas.triton.CompilerParams(num_warps=...)`): the default cuda backend of
+Pallas in jax 0.10 is Mosaic GPU, which does not lower these kernels. Real GPUs need every dimension a
+power of 2 and chunk_size, d_k, d_v >= 16 (tl.dot); other shapes raise NotImplementedError (api.py then
+falls back to XLA). `interpret=True` runs the same kernels on CPU for tests. Not yet timed on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.chunked_memory import xla
+
+Params = tuple[jax.Array, ...]
+F32 = jnp.float32
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def check_supported(q_shape, v_shape, depth: int, chunk_size: int, interpret: bool) -> None:
+    """Raise NotImplementedError for what the Triton kernel does not cover."""
+    if depth != 1:
+        raise NotImplementedError(f"triton chunked_memory: only linear memory (depth 1), got depth {depth}")
+    if interpret:
+        return
+    B, T, d = q_shape
+    dv = v_shape[-1]
+    if not all(_pow2(n) for n in (T, d, dv, chunk_size)):
+        raise NotImplementedError(f"triton chunked_memory: T, d_k, d_v, chunk_size must be powers of 2, "
+                                  f"got {(T, d, dv, chunk_size)}")
+    if min(d, dv, chunk_size) < 16:
+        raise NotImplementedError("triton chunked_memory: d_k, d_v, chunk_size must be >= 16 (tl.dot)")
+
+
+# ------------------------------------------------------------------------------------------- kernels
+def _fwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref, h_ref, e_ref, W0_ref,
+                S0_ref, y_ref, Wf_ref, Sf_ref, *res_refs, b: int, nc: int, d: int):
+    """Per sequence: q_ref [T, d_k] ... C_ref [T, b], g_ref [nc, 1]; optional residuals [nc*d_k, d_v]."""
+
+    def body(c, carry):
+        W, S = carry
+        tok = pl.ds(c * b, b)
+        if res_refs:
+            res_refs[0][pl.ds(c * d, d), :] = W
+            res_refs[1][pl.ds(c * d, d), :] = S
+        ld = lambda r: r[tok, :].astype(F32)
+        one = pl.ds(c, 1)
+        y, W, S = xla.linear_chunk_forward(
+            W, S, ld(q_ref), ld(k_ref), ld(v_ref), ld(G_ref), ld(H_ref), ld(C_ref), ld(CW_ref),
+            ld(CS_ref), g_ref[one, :], h_ref[one, :], e_ref[one, :])
+        y_ref[tok, :] = y.astype(y_ref.dtype)
+        return W, S
+
+    W, S = lax.fori_loop(0, nc, body, (W0_ref[...].astype(F32), S0_ref[...].astype(F32)))
+    Wf_ref[...] = W
+    Sf_ref[...] = S
+
+
+def _bwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref, h_ref, e_ref, Ws_ref,
+                Ss_ref, dy_ref, dWf_ref, dSf_ref,
+                dq_ref, dk_ref, dv_ref, dG_ref, dH_ref, dC_ref, dCW_ref, dCS_ref, dg_ref, dh_ref, de_ref,
+                dW0_ref, dS0_ref, *, b: int, nc: int, d: int):
+    """Reverse loop over chunks; carries dW, dS [d_k, d_v] of the chunk-end state."""
+
+    def body(i, carry):
+        dW1, dS1 = carry
+        c = nc - 1 - i
+        tok = pl.ds(c * b, b)
+        one = pl.ds(c, 1)
+        ld = lambda r: r[tok, :].astype(F32)
+        W = Ws_ref[pl.ds(c * d, d), :]
+        S = Ss_ref[pl.ds(c * d, d), :]
+        (dW, dS, dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de) = xla.linear_chunk_backward(
+            W, S, ld(q_ref), ld(k_ref), ld(v_ref), ld(G_ref), ld(H_ref), ld(C_ref), ld(CW_ref),
+            ld(CS_ref), g_ref[one, :], h_ref[one, :], e_ref[one, :], ld(dy_ref), dW1, dS1)
+        for ref, val in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dG_ref, dG), (dH_ref, dH),
+                         (dC_ref, dC), (dCW_ref, dCW), (dCS_ref, dCS)):
+            ref[tok, :] = val.astype(ref.dtype)
+        dg_ref[one, :] = dg
+        dh_ref[one, :] = dh
+        de_ref[one, :] = de
+        return dW, dS
+
+    dW, dS = lax.fori_loop(0, nc, body, (dWf_ref[...].astype(F32), dSf_ref[...].astype(F32)))
+    dW0_ref[...] = dW
+    dS0_ref[...] = dS
+
+
+# ------------------------------------------------------------------------------------------ wrappers
+def _spec(shape):
+    """Whole-sequence block for batch element i: leading batch dim squeezed."""
+    return pl.BlockSpec((None,) + tuple(shape[1:]), lambda i: (i,) + (0,) * (len(shape) - 1))
+
+
+def _params(num_warps: int):
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def _forward(args, *, b, interpret, num_warps, save):
+    q, k, v, G, H, C, CW, CS, g, h, e, W0, S0 = args
+    B, T, d = q.shape
+    dv = v.shape[-1]
+    nc = T // b
+    g, h, e = (x.reshape(B, nc, 1) for x in (g, h, e))
+    state = jax.ShapeDtypeStruct((B, d, dv), F32)
+    out_shape = [jax.ShapeDtypeStruct((B, T, dv), q.dtype), state, state]
+    if save:
+        out_shape += [jax.ShapeDtypeStruct((B, nc * d, dv), F32)] * 2
+    ins = (q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, b=b, nc=nc, d=d),
+        out_shape=out_shape,
+        grid=(B,),
+        in_specs=[_spec(x.shape) for x in ins],
+        out_specs=[_spec(s.shape) for s in out_shape],
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="titans_chunked_memory_fwd",
+    )(*ins)
+    return outs
+
+
+def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret, num_warps):
+    q, k, v, G, H, C, CW, CS, g, h, e, W0, S0 = args
+    B, T, d = q.shape
+    nc = T // b
+    g3, h3, e3 = (x.reshape(B, nc, 1) for x in (g, h, e))
+    ins = (q, k, v, G, H, C, CW, CS, g3, h3, e3, Ws, Ss, dy, dWf.astype(F32), dSf.astype(F32))
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, G, H, C, CW, CS, g3, h3, e3)]
+    out_shape += [jax.ShapeDtypeStruct(W0.shape, F32), jax.ShapeDtypeStruct(S0.shape, F32)]
+    outs = pl.pallas_call(
+        functools.partial(_bwd_kernel, b=b, nc=nc, d=d),
+        out_shape=out_shape,
+        grid=(B,),
+        in_specs=[_spec(x.shape) for x in ins],
+        out_specs=[_spec(s.shape) for s in out_shape],
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="titans_chunked_memory_bwd",
+    )(*ins)
+    dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de, dW0, dS0 = outs
+    dg, dh, de = (x.reshape(B, nc, 1, 1) for x in (dg, dh, de))
+    return (dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de, dW0.astype(W0.dtype), dS0.astype(S0.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(13, 14, 15))
+def linear_core_triton(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret, num_warps):
+    """Same contract as xla.linear_core (shapes there), computed by the Triton kernels."""
+    args = (q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
+    y, Wf, Sf = _forward(args, b=b, interpret=interpret, num_warps=num_warps, save=False)
+    return y, Wf, Sf
+
+
+def _core_fwd(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret, num_warps):
+    args = (q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
+    y, Wf, Sf, Ws, Ss = _forward(args, b=b, interpret=interpret, num_warps=num_warps, save=True)
+    return (y, Wf, Sf), (args, Ws, Ss)
+
+
+def _core_bwd(b, interpret, num_warps, res, cts):
+    args, Ws, Ss = res
+    dy, dWf, dSf = cts
+    return _backward(args, Ws, Ss, dy, dWf, dSf, b=b, interpret=interpret, num_warps=num_warps)
+
+
+linear_core_triton.defvjp(_core_fwd, _core_bwd)
+
+
+def chunked_memory_triton(
+    q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.Array, alpha: jax.Array,
+    init_params: Sequence[jax.Array], momentum0: Sequence[jax.Array], *, chunk_size: int,
+    retrieve_after_update: bool = False, activation: str = "silu", interpret: bool = False,
+    num_warps: int = 4,
+) -> tuple[jax.Array, Params, Params]:
+    """Linear Titans memory with the Triton kernels. Shapes as xla.chunked_memory_xla; depth must be 1."""
+    del activation  # linear memory has no activation
+    check_supported(q.shape, v.shape, len(init_params), chunk_size, interpret)
+    q, k, v, theta, eta, alpha = (x.astype(F32) for x in (q, k, v, theta, eta, alpha))
+    c = xla.coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
+    y, W, S = linear_core_triton(q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"],
+                                 c["e"], init_params[0].astype(F32), momentum0[0].astype(F32),
+                                 chunk_size, interpret, num_warps)
+    return y, (W,), (S,)

@@ -1,0 +1,257 @@
+"""Chunked parallel Titans memory in plain JAX (what CPU runs; the Pallas kernels share its chunk math).
+
+Paper: Titans (arXiv 2501.00663) §3.2, eq. 16-18. Tokens are split into chunks of b. Inside a chunk
+every gradient is taken at the chunk-start weights M0 (and momentum S0), so with u_j = grad loss(M0; x_j)
+for local tokens j = 1..b the recurrences
+
+    S_j = eta_j S_{j-1} - theta_j u_j,        M_j = (1 - alpha_j) M_{j-1} + S_j
+
+are linear with known inputs and run as two associative scans with the operator
+(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2) (momentum with a = eta, decay with a = 1 - alpha).
+
+Linear memory (depth 1, M(x) = x W): u_j = k_j^T e_j with e_j = 2 (k_j W0 - v_j). Running the two scans
+on coefficient vectors over the basis [W0, S0, u_1 .. u_b] gives, without materialising per-token
+weights,
+    M_j = G_j W0 + H_j S0 + sum_i C_ji k_i^T e_i,   S_b = e S0 + sum_i CS_i k_i^T e_i,
+so the chunk is matmuls (the paper's Theta B (W0 X - X) X^T form):
+    Y = G (Q W0) + H (Q S0) + (C o Q K^T) E,   W' = g W0 + h S0 + K^T (CW E),   S' = e S0 + K^T (CS E).
+Deep memory (depth >= 2): vmap(grad) at the chunk-start weights gives u_j; the scans run on the weight
+pytrees (b copies per chunk) and y_j = M_j(q_j) uses each token's weights.
+
+The loop over chunks is a lax.scan with jax.checkpoint per chunk (activation memory ~ #chunks x |M|).
+No stop_gradient anywhere: the outer loss differentiates through the inner updates.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Params = tuple[jax.Array, ...]
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def mlp_apply(params: Sequence[jax.Array], x: jax.Array, activation: str = "silu") -> jax.Array:
+    """Bias-free memory MLP. x [..., d_in] -> [..., d_out]; activation between layers only."""
+    act = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}[activation]
+    h = x
+    for i, w in enumerate(params):
+        h = h @ w
+        if i + 1 < len(params):
+            h = act(h)
+    return h
+
+
+def memory_loss(params: Params, k: jax.Array, v: jax.Array, activation: str = "silu") -> jax.Array:
+    """Associative-memory loss ||M(k) - v||^2 (paper eq. 12). k [d_k], v [d_v] -> scalar."""
+    return jnp.sum((mlp_apply(params, k, activation) - v) ** 2)
+
+
+# ------------------------------------------------------------------------------------------------ scans
+def scan_with_init(a: jax.Array, inc, init):
+    """All x_j = a_j x_{j-1} + inc_j (j = 1..n) with x_0 = init, as one lax.associative_scan.
+
+    a [n]; inc: pytree with leaves [n, ...]; init: pytree with matching leaves [...].
+    """
+    def bcast(s, leaf):
+        return s.reshape(s.shape + (1,) * (leaf.ndim - s.ndim))
+
+    # Fold the initial state into the first element: x_1 = a_1 x_0 + inc_1.
+    inc = jax.tree.map(lambda i, x0: i.at[0].add(a[0] * x0), inc, init)
+
+    def combine(e1, e2):
+        a1, b1 = e1
+        a2, b2 = e2
+        return a1 * a2, jax.tree.map(lambda x1, x2: bcast(a2, x1) * x1 + x2, b1, b2)
+
+    _, out = lax.associative_scan(combine, (a, inc))
+    return out
+
+
+def chunk_coefficients(theta: jax.Array, eta: jax.Array, alpha: jax.Array, chunk_size: int,
+                       retrieve_after_update: bool) -> dict[str, jax.Array]:
+    """Scalar chunk coefficients of the linear-memory form, for ONE sequence.
+
+    theta, eta, alpha [T] -> G, H, CW, CS [T, 1]; C [T, b] (row t: coefficients of its chunk's
+    k_i^T e_i in the weights that y_t reads, zero for i later than that); g, h, e [T/b, 1, 1].
+    Both scans run on basis vectors [W0, S0, u_1 .. u_b], so they are exact (no divisions by
+    cumulative products, which underflow when a gate is 0).
+    """
+    b = chunk_size
+    nc = theta.shape[0] // b
+    n = b + 2
+
+    def per_chunk(th, et, ga):
+        inc = -th[:, None] * jnp.eye(b, n, k=2, dtype=th.dtype)   # -theta_j e_{u_j}
+        m0 = jnp.zeros((n,), th.dtype).at[0].set(1.0)
+        s0 = jnp.zeros((n,), th.dtype).at[1].set(1.0)
+        S = scan_with_init(et, inc, s0)                            # [b, n]  momentum coefficients
+        M = scan_with_init(ga, S, m0)                              # [b, n]  weight coefficients
+        R = M if retrieve_after_update else jnp.concatenate([m0[None], M[:-1]], axis=0)
+        return (R[:, 0:1], R[:, 1:2], R[:, 2:], M[-1, 2:, None], S[-1, 2:, None],
+                M[-1, 0].reshape(1, 1), M[-1, 1].reshape(1, 1), S[-1, 1].reshape(1, 1))
+
+    G, H, C, CW, CS, g, h, e = jax.vmap(per_chunk)(
+        theta.reshape(nc, b), eta.reshape(nc, b), 1.0 - alpha.reshape(nc, b))
+    flat = lambda x: x.reshape((nc * b,) + x.shape[2:])
+    return dict(G=flat(G), H=flat(H), C=flat(C), CW=flat(CW), CS=flat(CS), g=g, h=h, e=e)
+
+
+def coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update) -> dict[str, jax.Array]:
+    """chunk_coefficients over a batch: [batch, T] gates -> dict of [batch, ...] arrays."""
+    fn = lambda th, et, al: chunk_coefficients(th, et, al, chunk_size, retrieve_after_update)
+    return jax.vmap(fn)(theta, eta, alpha)
+
+
+# ------------------------------------------------------------------------- linear chunk (shared math)
+def _dot(a, b, ta: bool = False, tb: bool = False):
+    """a @ b with optional transposes expressed as contraction dims (lowers on Triton and Mosaic)."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims)
+
+
+def _sum11(x):
+    """Sum of a 2-D array as a [1, 1] array (two 1-axis reductions: friendly to Triton and Mosaic)."""
+    return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
+
+
+def linear_chunk_forward(W, S, q, k, v, G, H, C, CW, CS, g, h, e):
+    """One chunk of linear memory. W, S [d_k, d_v]; q, k [b, d_k]; v [b, d_v]; G, H, CW, CS [b, 1];
+    C [b, b]; g, h, e [1, 1]. Returns y [b, d_v], chunk-end W and S."""
+    E = 2.0 * (_dot(k, W) - v)                               # [b, d_v]: grad = k^T E
+    A = _dot(q, k, tb=True)                                  # [b, b]
+    y = G * _dot(q, W) + H * _dot(q, S) + _dot(C * A, E)
+    W1 = g * W + h * S + _dot(k, CW * E, ta=True)
+    S1 = e * S + _dot(k, CS * E, ta=True)
+    return y, W1, S1
+
+
+def linear_chunk_backward(W, S, q, k, v, G, H, C, CW, CS, g, h, e, dy, dW1, dS1):
+    """Hand-written VJP of linear_chunk_forward (used by the Pallas backward kernels).
+
+    Returns (dW, dS, dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de) with the shapes of the inputs.
+    """
+    E = 2.0 * (_dot(k, W) - v)
+    A = _dot(q, k, tb=True)
+    CA = C * A
+    KdW = _dot(k, dW1)                                       # [b, d_v]
+    KdS = _dot(k, dS1)
+    dE = _dot(CA, dy, ta=True) + CW * KdW + CS * KdS
+    dCA = _dot(dy, E, tb=True)                               # [b, b]
+    dA = C * dCA
+    dC = A * dCA
+    QW = _dot(q, W)
+    QS = _dot(q, S)
+    dG = jnp.sum(dy * QW, axis=1, keepdims=True)
+    dH = jnp.sum(dy * QS, axis=1, keepdims=True)
+    dCW = jnp.sum(E * KdW, axis=1, keepdims=True)
+    dCS = jnp.sum(E * KdS, axis=1, keepdims=True)
+    GdY = G * dy
+    HdY = H * dy
+    dP = 2.0 * dE                                            # P = k W - v
+    dq = _dot(GdY, W, tb=True) + _dot(HdY, S, tb=True) + _dot(dA, k)
+    dk = (_dot(dA, q, ta=True) + _dot(CW * E, dW1, tb=True) + _dot(CS * E, dS1, tb=True)
+          + _dot(dP, W, tb=True))
+    dv = -dP
+    dW = _dot(q, GdY, ta=True) + _dot(k, dP, ta=True) + g * dW1
+    dS = _dot(q, HdY, ta=True) + h * dW1 + e * dS1
+    dg = _sum11(W * dW1)
+    dh = _sum11(S * dW1)
+    de = _sum11(S * dS1)
+    return dW, dS, dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de
+
+
+def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, remat: bool = True):
+    """Linear memory over whole sequences from precomputed coefficients (the layout the kernels take).
+
+    q, k [B, T, d_k]; v [B, T, d_v]; G, H, CW, CS [B, T, 1]; C [B, T, b]; g, h, e [B, T/b, 1, 1];
+    W0, S0 [B, d_k, d_v]. Returns y [B, T, d_v], W_T, S_T [B, d_k, d_v].
+    """
+    b = chunk_size
+
+    def one(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0):
+        nc = q.shape[0] // b
+        split = lambda x: x.reshape((nc, b) + x.shape[1:])
+
+        def body(carry, xs):
+            W, S = carry
+            qc, kc, vc, Gc, Hc, Cc, CWc, CSc, gc, hc, ec = xs
+            y, W, S = linear_chunk_forward(W, S, qc, kc, vc, Gc, Hc, Cc, CWc, CSc, gc, hc, ec)
+            return (W, S), y
+
+        body = jax.checkpoint(body) if remat else body
+        xs = tuple(map(split, (q, k, v, G, H, C, CW, CS))) + (g, h, e)
+        (W, S), y = lax.scan(body, (W0, S0), xs)
+        return y.reshape((nc * b,) + y.shape[2:]), W, S
+
+    return jax.vmap(one)(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
+
+
+# ------------------------------------------------------------------------------------------ deep memory
+def _deep_sequence(q, k, v, theta, eta, alpha, M0, S0, chunk_size, retrieve_after_update, activation,
+                   remat):
+    """Any depth, one sequence: vmap(grad) per chunk at the chunk-start weights, then both scans."""
+    b = chunk_size
+    nc = q.shape[0] // b
+    split = lambda x: x.reshape((nc, b) + x.shape[1:])
+    grad_fn = jax.vmap(jax.grad(memory_loss), in_axes=(None, 0, 0, None))
+
+    def body(carry, xs):
+        M, S = carry
+        qc, kc, vc, th, et, al = xs
+        u = grad_fn(M, kc, vc, activation)                  # leaves [b, ...]
+        inc = jax.tree.map(lambda gr: -th.reshape((b,) + (1,) * (gr.ndim - 1)) * gr, u)
+        S_tok = scan_with_init(et, inc, S)                  # S_j for j = 1..b
+        M_tok = scan_with_init(1.0 - al, S_tok, M)          # M_j for j = 1..b
+        if retrieve_after_update:
+            M_read = M_tok
+        else:
+            M_read = jax.tree.map(lambda m0, mt: jnp.concatenate([m0[None], mt[:-1]], 0), M, M_tok)
+        y = jax.vmap(lambda p, x: mlp_apply(p, x, activation))(M_read, qc)
+        last = lambda t: jax.tree.map(lambda x: x[-1], t)
+        return (last(M_tok), last(S_tok)), y
+
+    body = jax.checkpoint(body) if remat else body
+    xs = tuple(map(split, (q, k, v, theta, eta, alpha)))
+    (M, S), y = lax.scan(body, (M0, S0), xs)
+    return y.reshape((nc * b,) + y.shape[2:]), M, S
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def chunked_memory_xla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    theta: jax.Array,
+    eta: jax.Array,
+    alpha: jax.Array,
+    init_params: Sequence[jax.Array],
+    momentum0: Sequence[jax.Array],
+    *,
+    chunk_size: int,
+    retrieve_after_update: bool = False,
+    activation: str = "silu",
+    remat: bool = True,
+    linear_matmul_form: bool = True,
+) -> tuple[jax.Array, Params, Params]:
+    """Chunked parallel form. q, k [B, T, d_k]; v [B, T, d_v]; gates [B, T]; params and momentum0 tuples
+    of [B, d_in, d_out]. Returns y [B, T, d_v] (dtype of q), final params, final momentum.
+
+    Computation runs in at least float32. Depth 1 uses the matmul form unless linear_matmul_form=False
+    (then the generic per-token-weights path, kept to cross-check the two).
+    """
+    dt = jnp.promote_types(q.dtype, jnp.float32)
+    cast = lambda x: x.astype(dt)
+    q, k, v, theta, eta, alpha = map(cast, (q, k, v, theta, eta, alpha))
+    params = tuple(map(cast, init_params))
+    momentum = tuple(map(cast, momentum0))
+    if len(params) == 1 and linear_matmul_form:
+        c = coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
+        y, W, S = linear_core(q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"],
+                              params[0], momentum[0], chunk_size=chunk_size, remat=remat)
+        return y, (W,), (S,)
+    fn = lambda *a: _deep_sequence(*a, chunk_size, retrieve_after_update, activation, remat)
+    y, M, S = jax.vmap(fn)(q, k, v, theta, eta, alpha, params, momentum)
+    return y, tuple(M), tuple(S)
