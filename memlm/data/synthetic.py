@@ -23,6 +23,10 @@ class SyntheticCorpus:
         return len(self.lengths)
 
     @property
+    def doc_lengths(self) -> np.ndarray:
+        return self.lengths
+
+    @property
     def total_tokens(self) -> int:
         return int(self.lengths.sum())
 

@@ -22,10 +22,8 @@ def eval_lm(run_dir: str, split: str, max_batches: int | None = None, out: str |
     cfg = lm.config
     tokenizer = lm.tokenizer
     corpus = pipeline.get_corpus(cfg, split, tokenizer)
-    b, s, l = cfg.train.batch_size, cfg.data.n_segments, cfg.data.segment_len
-    per_batch = b * s * l
-    n = max_batches or max(1, math.ceil(corpus.total_tokens / per_batch))
-    batches = pipeline.eval_batches(cfg, corpus, n)
+    b = cfg.train.batch_size
+    batches = pipeline.eval_batches(cfg, corpus, max_batches)
     devices = jax.local_devices()[:1]
     setup = setup_lib.build_setup(cfg, make_mesh(1, 1, 1, devices))
     with setup.activate():

@@ -76,14 +76,15 @@ def _save_data_state(run_dir: str, step: int, state: dict) -> None:
 def _load_data_state(run_dir: str, step: int, fallback: dict) -> dict:
     """Merge the per-process slot cursors saved at `step` (works when the process count changed)."""
     d = os.path.dirname(_data_state_path(run_dir, step, 0))
-    merged: dict = {}
+    merged = dict(fallback)
+    merged["slots"] = dict(fallback.get("slots", {}))
     if os.path.isdir(d):
         for name in sorted(os.listdir(d)):
             if name.endswith(".json"):
                 with open(os.path.join(d, name)) as f:
-                    merged.update(json.load(f)["slots"])
-    if not merged:
-        merged = dict(fallback.get("slots", {}))
+                    part = json.load(f)
+                merged.update({k: v for k, v in part.items() if k != "slots"})
+                merged["slots"].update(part["slots"])
     return merged
 
 
@@ -161,11 +162,11 @@ def train(cfg) -> dict:
     if start is not None:
         params, opt_state, carry, data = ckpt.restore(start, setup.abstract_params, setup.abstract_opt,
                                                       setup.abstract_carry)
-        slot_state = _load_data_state(run_dir, start, data.get("data_position", {}))
-        missing = [s for s in slots if str(s) not in slot_state]
-        if missing:
-            raise UserError(f"{run_dir}: checkpoint {start} has no data position for batch slots {missing}")
-        batcher.restore({"slots": {str(s): slot_state[str(s)] for s in slots}})
+        position = _load_data_state(run_dir, start, data.get("data_position", {}))
+        try:
+            batcher.restore(position)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{run_dir}: checkpoint {start} data position does not fit this data ({e})") from None
         log.info("resumed from step %d", start)
     else:
         start = 0
