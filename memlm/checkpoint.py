@@ -106,7 +106,9 @@ class Checkpointer:
             )
         except (ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{self.directory}/{step}: checkpoint does not match the model config ({first[:300]})") from None
+            raise UserError(
+                f"{self.directory}/{step}: checkpoint does not match the model config ({first[:300]})"
+            ) from None
         return out["state"]["params"]
 
     def wait(self) -> None:

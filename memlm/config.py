@@ -50,6 +50,20 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
+class RMTConfig(_Strict):
+    """Recurrent Memory Transformer (Bulatov et al. 2022, decoder form of Bulatov et al. 2023)."""
+
+    num_mem_tokens: int = Field(16, ge=0, description="m memory tokens; 0 disables memory (= segment-local)")
+    write_positions: Literal["pinned", "after_segment"] = Field(
+        "pinned",
+        description="pinned: write tokens sit at the last m positions of model.max_seq_len, so they never move "
+        "with segment length; after_segment: right after the segment (the official code)",
+    )
+
+
+MEMORY_SECTIONS = {"rmt": "rmt"}
+
+
 class ModelConfig(_Strict):
     kind: Literal[MODEL_KINDS] = "baseline"  # type: ignore[valid-type]
     vocab_size: int = Field(259, ge=2)
@@ -72,6 +86,7 @@ class ModelConfig(_Strict):
         False, description="baseline only: attend within each segment instead of the whole sequence"
     )
     init_std: float = 0.02
+    rmt: RMTConfig | None = None
 
     @property
     def padded_vocab(self) -> int:
@@ -98,6 +113,13 @@ class ModelConfig(_Strict):
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.hd % 2:
             raise ValueError(f"head dim ({self.hd}) must be even for RoPE")
+        for section, kind in MEMORY_SECTIONS.items():
+            if getattr(self, section) is not None and self.kind != kind:
+                raise ValueError(f"model.{section} is set but model.kind is {self.kind!r}")
+        if self.kind in MEMORY_SECTIONS.values():
+            section = next(k for k, v in MEMORY_SECTIONS.items() if v == self.kind)
+            if getattr(self, section) is None:
+                object.__setattr__(self, section, self.model_fields[section].annotation.__args__[0]())
         return self
 
 
@@ -151,6 +173,13 @@ class Config(_Strict):
                     f"data.n_segments*data.segment_len = {span} exceeds model.max_seq_len = "
                     f"{self.model.max_seq_len}; the baseline has no memory (use a memory model or "
                     "model.segment_local=true)"
+                )
+        if self.model.kind == "rmt":
+            need = self.data.segment_len + 2 * self.model.rmt.num_mem_tokens
+            if need > self.model.max_seq_len:
+                raise ValueError(
+                    f"data.segment_len ({self.data.segment_len}) + 2*model.rmt.num_mem_tokens does not fit "
+                    f"model.max_seq_len ({self.model.max_seq_len})"
                 )
         if self.data.tokenizer == "bytes" and self.model.vocab_size < 259:
             raise ValueError("model.vocab_size must be >= 259 for the byte tokenizer")

@@ -49,6 +49,14 @@ def _pad_id(corpus) -> int:
     return int(getattr(corpus, "pad_id", 0) or 0)
 
 
+def _doc_lengths(corpus) -> np.ndarray:
+    """int64 [num_docs]: `corpus.doc_lengths` if present, else measured from `corpus.doc(i)`."""
+    lengths = getattr(corpus, "doc_lengths", None)
+    if lengths is None:
+        lengths = [len(corpus.doc(i)) for i in range(corpus.num_docs)]
+    return np.asarray(lengths, dtype=np.int64)
+
+
 def _fill_segment(out: dict[str, np.ndarray], b: int, s: int, doc: np.ndarray, offset: int, L: int) -> None:
     """Write segment [offset, offset+L) of document `doc`'s (input, target) pairs into row b, segment s."""
     n = doc.shape[0] - 1  # number of (input, target) pairs
@@ -61,7 +69,8 @@ def _fill_segment(out: dict[str, np.ndarray], b: int, s: int, doc: np.ndarray, o
 
 
 class SegmentBatcher:
-    """Slot-stable segment batches over a Corpus (anything with num_docs, doc(i), doc_lengths).
+    """Slot-stable segment batches over a Corpus (anything with num_docs and doc(i); doc_lengths and
+    pad_id are used when present).
 
     Args:
       corpus: the documents (each ends with eos).
@@ -93,7 +102,7 @@ class SegmentBatcher:
         if any(not 0 <= s < global_batch for s in self.slots) or len(set(self.slots)) != len(self.slots):
             raise ValueError(f"SegmentBatcher: slots must be distinct rows in [0, {global_batch})")
         self.pad_id = _pad_id(corpus) if pad_id is None else int(pad_id)
-        self._lengths = np.asarray(corpus.doc_lengths, dtype=np.int64)
+        self._lengths = _doc_lengths(corpus)
         if self._lengths.size == 0 or not np.any(self._lengths >= 2):
             raise ValueError(f"SegmentBatcher: corpus {getattr(corpus, 'name', '')!r} has no document "
                              "with at least one target token")
@@ -188,7 +197,7 @@ def eval_batches(
     batches (None: until every document is consumed), and stops early when all documents are done.
     """
     pad = _pad_id(corpus) if pad_id is None else int(pad_id)
-    lengths = np.asarray(corpus.doc_lengths, dtype=np.int64)
+    lengths = _doc_lengths(corpus)
     order = np.arange(lengths.size) if seed == 0 else np.random.default_rng([seed]).permutation(lengths.size)
     queue = [int(d) for d in order if lengths[d] >= 2]
     L = segment_len

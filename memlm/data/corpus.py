@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from memlm.data.local_pg19.metadata import pg19_split_files
-from memlm.data.tokenizers import Tokenizer
+from memlm.data.tokenizers import Tokenizer, fingerprint_of
 from memlm.errors import UserError
 
 __all__ = ["Corpus", "load_corpus", "iter_text_split", "read_text_split", "text_split_files", "SOURCES"]
@@ -309,7 +309,7 @@ def load_corpus(
             e for s in ("train", "validation", "test") if os.path.isdir(os.path.join(root, s))
             for e in _stat_entries(sorted(str(p) for p in Path(root, s).glob("*.txt")), root)
         ]
-    key = _digest([CACHE_VERSION, source, root, split, tokenizer.fingerprint, stats])
+    key = _digest([CACHE_VERSION, source, root, split, fingerprint_of(tokenizer), stats])
     name = f"{source}:{os.path.basename(root)}:{split}:{tokenizer.name}"
 
     final_dir = os.path.join(cache_dir, "corpus", key) if cache_dir else None
@@ -335,6 +335,11 @@ def load_corpus(
             for index, doc_name, text, tokens in seqio_tasks.iter_documents(
                 source, root, split, tokenizer, tfds_dir
             ):
+                # Why check: an out-of-range id would be clamped silently by a JAX embedding gather.
+                if tokens.size and (tokens.min() < 0 or tokens.max() >= tokenizer.vocab_size):
+                    raise ValueError(
+                        f"tokenizer {tokenizer.name} produced ids outside [0, {tokenizer.vocab_size})"
+                    )
                 sink.add(index, doc_name, len(text.split()), tokens)
         finally:
             sink.abort()
@@ -345,7 +350,7 @@ def load_corpus(
             raise UserError(f"{root}: split {split!r} has no tokens (every document is empty)")
         if final_dir:
             corpus._save_meta(tmp_dir, {"source": source, "path": root, "split": split,
-                                        "tokenizer": tokenizer.fingerprint})
+                                        "tokenizer": fingerprint_of(tokenizer)})
             del corpus
             try:
                 os.rename(tmp_dir, final_dir)

@@ -11,9 +11,11 @@ So `seqio.get_dataset(task_name(...), ...)` works too, e.g. with a packing featu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +27,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from memlm.data.local_pg19.metadata import PG19_SPLITS  # noqa: E402
-from memlm.data.tokenizers import Tokenizer  # noqa: E402
+from memlm.data.tokenizers import Tokenizer, encode_to_array, fingerprint_of  # noqa: E402
 from memlm.errors import UserError  # noqa: E402
 
 try:  # Why: TF must never grab the accelerator that JAX trains on.
@@ -73,7 +75,7 @@ class TokenizerVocabulary(seqio.Vocabulary):
 
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
         def enc(x):
-            return self.tokenizer.encode_array(x.numpy().decode("utf-8")).astype(np.int32)
+            return encode_to_array(self.tokenizer, x.numpy().decode("utf-8"))
 
         ids = tf.py_function(enc, [s], tf.int32)
         ids.set_shape([None])
@@ -89,17 +91,17 @@ class TokenizerVocabulary(seqio.Vocabulary):
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, TokenizerVocabulary) and (
-            other.tokenizer.fingerprint == self.tokenizer.fingerprint
+            fingerprint_of(other.tokenizer) == fingerprint_of(self.tokenizer)
         )
 
     def __hash__(self) -> int:
-        return hash(self.tokenizer.fingerprint)
+        return hash(fingerprint_of(self.tokenizer))
 
 
 def task_name(source: str, path: str, tokenizer: Tokenizer) -> str:
     """Deterministic seqio task name for (source, absolute path, tokenizer fingerprint)."""
     path_hash = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
-    tok = re.sub(r"[^A-Za-z0-9_]", "_", tokenizer.fingerprint)
+    tok = re.sub(r"[^A-Za-z0-9_]", "_", fingerprint_of(tokenizer))
     return f"memlm_{source}_{path_hash}_{tok}"
 
 
@@ -196,7 +198,7 @@ def register_task(source: str, path: str, tokenizer: Tokenizer, tfds_data_dir: s
         raise ValueError("pg19 tasks need a tfds_data_dir")
     path = os.path.abspath(path)
     name = task_name(source, path, tokenizer)
-    key = (source, path, tokenizer.fingerprint, tfds_data_dir if source == "pg19" else None)
+    key = (source, path, fingerprint_of(tokenizer), tfds_data_dir if source == "pg19" else None)
     if name in seqio.TaskRegistry.names():
         if _REGISTERED.get(name) == key:
             return name
@@ -220,11 +222,13 @@ def prepare_pg19(path: str, split: str, tfds_data_dir: str) -> None:
     from memlm.data.local_pg19 import local_pg19_dataset_builder  # noqa: F401  (registers the builder)
 
     builder = tfds.builder(f"{PG19_TFDS_NAME}/{split}:{PG19_TFDS_VERSION}", data_dir=tfds_data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=os.path.abspath(path), compute_stats=tfds.download.ComputeStatsMode.SKIP
+    # TFDS prints its "Downloading and preparing" banner to stdout; keep stdout for results.
+    with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=os.path.abspath(path), compute_stats=tfds.download.ComputeStatsMode.SKIP
+            )
         )
-    )
 
 
 def iter_documents(

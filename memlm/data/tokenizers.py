@@ -76,6 +76,17 @@ class Tokenizer(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
 
 
+def fingerprint_of(tokenizer) -> str:
+    """`tokenizer.fingerprint` if it has one (memlm's tokenizers do), else its name."""
+    return str(getattr(tokenizer, "fingerprint", None) or tokenizer.name)
+
+
+def encode_to_array(tokenizer, text: str) -> np.ndarray:
+    """int32 [n]: `encode_array` when the tokenizer has it, else `encode`."""
+    fast = getattr(tokenizer, "encode_array", None)
+    return np.asarray(fast(text) if fast else tokenizer.encode(text), dtype=np.int32)
+
+
 def _as_int_list(ids: Iterable[int]) -> list[int]:
     """Accepts lists, tuples, generators, numpy/jax arrays of any shape (flattened)."""
     if not hasattr(ids, "shape"):

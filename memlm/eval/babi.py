@@ -2,8 +2,8 @@
 generator for tasks qa1-qa5.
 
 Format (benchmarks.md §2.1): one statement per line, ``"<id> <sentence>"``; ids restart at 1 for every story.
-A question line is ``"<id> <question>? \\t<answer>\\t<supporting ids>"`` (note the space before the tab; the ids
-are separated by spaces).
+A question line is ``"<id> <question>? \\t<answer>\\t<supporting ids>"`` (note the space before the tab;
+the ids are separated by spaces).
 
 The reader turns a file into samples the way BABILong's ``TaskDataset`` does (benchmarks.md §1.2): every
 question becomes one sample made of the story's non-question lines *before* it plus the question; earlier
@@ -75,8 +75,10 @@ def parse_babi_lines(
             continue
         parts = text.split("\t")
         if len(parts) != 3:
-            raise UserError(f"{where}: question line needs 'question\\tanswer\\tsupporting ids', got "
-                            f"{len(parts)} tab-separated fields")
+            raise UserError(
+                f"{where}: question line needs 'question\\tanswer\\tsupporting ids', got "
+                f"{len(parts)} tab-separated fields"
+            )
         question, answer, ids = parts
         if not question.strip() or not answer.strip():
             raise UserError(f"{where}: empty question or answer")
@@ -90,8 +92,14 @@ def parse_babi_lines(
         if max_n_facts is not None and len(facts) > max_n_facts:
             continue
         # Why lstrip only: the released BABILong questions keep the trailing space before the tab.
-        samples.append({"facts": list(facts), "question": question.lstrip(), "answer": answer.strip(),
-                        "references": refs})
+        samples.append(
+            {
+                "facts": list(facts),
+                "question": question.lstrip(),
+                "answer": answer.strip(),
+                "references": refs,
+            }
+        )
     return samples
 
 
@@ -174,8 +182,13 @@ class _World:
         return ("move", actor, dest, lid)
 
     def can_get(self) -> list[tuple[str, str]]:
-        return [(a, o) for a in self.actors if self.actor_loc[a] is not None for o in OBJECTS
-                if self.holder[o] is None and self.obj_loc[o] in (None, self.actor_loc[a])]
+        return [
+            (a, o)
+            for a in self.actors
+            if self.actor_loc[a] is not None
+            for o in OBJECTS
+            if self.holder[o] is None and self.obj_loc[o] in (None, self.actor_loc[a])
+        ]
 
     def get(self, actor: str, obj: str) -> tuple:
         lid = self.emit(f"{actor} {self.rng.choice(GET_VERBS)} the {obj} there.")
@@ -196,8 +209,13 @@ class _World:
         return ("drop", actor, obj, lid)
 
     def can_give(self) -> list[tuple[str, str, str]]:
-        return [(self.holder[o], o, b) for o in OBJECTS if self.holder[o] is not None for b in self.actors
-                if b != self.holder[o] and self.actor_loc[b] == self.actor_loc[self.holder[o]]]
+        return [
+            (self.holder[o], o, b)
+            for o in OBJECTS
+            if self.holder[o] is not None
+            for b in self.actors
+            if b != self.holder[o] and self.actor_loc[b] == self.actor_loc[self.holder[o]]
+        ]
 
     def give(self, giver: str, obj: str, receiver: str) -> tuple:
         lid = self.emit(f"{giver} {self.rng.choice(GIVE_VERBS)} the {obj} to {receiver}.")
@@ -221,8 +239,11 @@ class _World:
             options.append((0.5, "give"))
         kind = self.rng.choices([k for _, k in options], weights=[w for w, _ in options])[0]
         if kind == "move":
-            return self.move(self.rng.choice(unplaced) if unplaced and self.rng.random() < 0.5
-                             else self.rng.choice(self.actors))
+            return self.move(
+                self.rng.choice(unplaced)
+                if unplaced and self.rng.random() < 0.5
+                else self.rng.choice(self.actors)
+            )
         if kind == "get":
             return self.get(*self.rng.choice(gets))
         if kind == "drop":
@@ -256,8 +277,11 @@ def _story_qa2_qa3(rng: random.Random, task: str) -> list[str]:
             w.ask(f"Where is the {o}?", w.obj_loc[o], w.obj_support[o])
         else:
             # "before the L" is unambiguous only if the latest location L occurs once in the history.
-            ok = [o for o in OBJECTS if len(w.hist[o]) >= 2
-                  and [loc for loc, _ in w.hist[o]].count(w.hist[o][-1][0]) == 1]
+            ok = [
+                o
+                for o in OBJECTS
+                if len(w.hist[o]) >= 2 and [loc for loc, _ in w.hist[o]].count(w.hist[o][-1][0]) == 1
+            ]
             if not ok:
                 continue
             o = rng.choice(ok)
@@ -273,16 +297,20 @@ def _story_qa4(rng: random.Random) -> list[str]:
     od = OPPOSITE[d]
 
     def state(x: str, y: str) -> str:  # "x is d of y", in either surface direction
-        return (f"The {x} is {d} of the {y}." if rng.random() < 0.5 else f"The {y} is {od} of the {x}.")
+        return f"The {x} is {d} of the {y}." if rng.random() < 0.5 else f"The {y} is {od} of the {x}."
 
     facts = [("ab", state(a, b)), ("bc", state(b, c))]
     rng.shuffle(facts)
     lines = [f"{i + 1} {t}" for i, (_, t) in enumerate(facts)]
     line_of = {k: i + 1 for i, (k, _) in enumerate(facts)}
-    q, ans, key = rng.choice([
-        (f"What is {d} of the {b}?", a, "ab"), (f"What is the {b} {od} of?", a, "ab"),
-        (f"What is {od} of the {b}?", c, "bc"), (f"What is the {b} {d} of?", c, "bc"),
-    ])
+    q, ans, key = rng.choice(
+        [
+            (f"What is {d} of the {b}?", a, "ab"),
+            (f"What is the {b} {od} of?", a, "ab"),
+            (f"What is {od} of the {b}?", c, "bc"),
+            (f"What is the {b} {d} of?", c, "bc"),
+        ]
+    )
     lines.append(f"3 {q} \t{ans}\t{line_of[key]}")
     return lines
 
@@ -297,18 +325,23 @@ def _story_qa5(rng: random.Random) -> list[str]:
         if give is None:
             break
         _, giver, obj, receiver, lid = give
+
         # Unrelated clauses: no give of the same object or between the same pair, so the question's
         # referent stays the latest matching give.
-        unrelated = lambda g: g[1] == obj or {g[0], g[2]} == {giver, receiver}
+        def unrelated(g, obj=obj, pair=frozenset((giver, receiver))) -> bool:
+            return g[1] == obj or {g[0], g[2]} == pair
+
         for _ in range(rng.randint(0, 5)):
             w.random_clause(allow_give=True, exclude=unrelated)
-        q, ans = rng.choice([
-            (f"What did {giver} give to {receiver}?", obj),
-            (f"Who gave the {obj} to {receiver}?", giver),
-            (f"Who gave the {obj}?", giver),
-            (f"Who received the {obj}?", receiver),
-            (f"Who did {giver} give the {obj} to?", receiver),
-        ])
+        q, ans = rng.choice(
+            [
+                (f"What did {giver} give to {receiver}?", obj),
+                (f"Who gave the {obj} to {receiver}?", giver),
+                (f"Who gave the {obj}?", giver),
+                (f"Who received the {obj}?", receiver),
+                (f"Who did {giver} give the {obj} to?", receiver),
+            ]
+        )
         w.ask(q, ans, [lid])
     return w.lines
 
@@ -345,7 +378,10 @@ def babi_filename(task: str, split: str = "train") -> str:
 
 
 def write_task_file(path: str | Path, task: str, n_stories: int, seed: int) -> Path:
-    """Generate a task (see ``generate_task``) and write it to ``path``; a directory gets the official name."""
+    """Generate a task (see ``generate_task``) and write it to ``path``.
+
+    A directory ``path`` gets the official file name (``babi_filename``). Returns the written path.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / babi_filename(task)

@@ -25,12 +25,22 @@ def _cut_at_eos(ids: list[int], eos_id: Any) -> list[int]:
     return ids
 
 
-def run_babilong(generate_fn: GenerateFn, tokenizer: Any,
-                 samples_by_cell: dict[tuple[str, str], list[dict]], out_dir: str | Path,
-                 prompt_cfg: PromptConfig | str | dict, metric: str = "babilong", max_new_tokens: int = 20,
-                 progress: bool = True, model_name: str = "memlm", resume: bool = False,
-                 store_inputs: bool = False, seed: int | None = None, timestamp: str | None = None,
-                 config: dict | None = None) -> dict:
+def run_babilong(
+    generate_fn: GenerateFn,
+    tokenizer: Any,
+    samples_by_cell: dict[tuple[str, str], list[dict]],
+    out_dir: str | Path,
+    prompt_cfg: PromptConfig | str | dict,
+    metric: str = "babilong",
+    max_new_tokens: int = 20,
+    progress: bool = True,
+    model_name: str = "memlm",
+    resume: bool = False,
+    store_inputs: bool = False,
+    seed: int | None = None,
+    timestamp: str | None = None,
+    config: dict | None = None,
+) -> dict:
     """Evaluate every (task, length) cell and write all BABILong outputs to ``out_dir``.
 
     Args:
@@ -38,7 +48,8 @@ def run_babilong(generate_fn: GenerateFn, tokenizer: Any,
         the answer).
       tokenizer: anything with ``encode(text) -> list[int]`` and ``decode(ids) -> str``.
       samples_by_cell: (task, length) -> records ``{input, question, target}``.
-      prompt_cfg: a ``PromptConfig``, its name, or a dict of its fields; ``finetuned`` = input + " " + question.
+      prompt_cfg: a ``PromptConfig``, its name, or a dict of its fields; "finetuned" means the prompt is
+        input + " " + question.
       metric: babilong | legacy | lm_eval | exact (see ``babilong_scorer``).
       resume: keep samples already in the native CSVs of ``out_dir`` (same prompt config) and skip them.
     Returns:
@@ -49,9 +60,18 @@ def run_babilong(generate_fn: GenerateFn, tokenizer: Any,
     for task, length in samples_by_cell:
         check_task(task)
         parse_length(length)
-    writer = BabilongWriter(out_dir, cfg, metric, model_name=model_name, timestamp=timestamp,
-                            max_new_tokens=max_new_tokens, store_inputs=store_inputs, resume=resume,
-                            seed=seed, config=config)
+    writer = BabilongWriter(
+        out_dir,
+        cfg,
+        metric,
+        model_name=model_name,
+        timestamp=timestamp,
+        max_new_tokens=max_new_tokens,
+        store_inputs=store_inputs,
+        resume=resume,
+        seed=seed,
+        config=config,
+    )
     cells = sorted(samples_by_cell, key=lambda c: (task_key(c[0]), parse_length(c[1])))
     total = sum(len(samples_by_cell[c]) for c in cells)
     pbar = None
@@ -65,27 +85,50 @@ def run_babilong(generate_fn: GenerateFn, tokenizer: Any,
             records = samples_by_cell[(task, length)]
             done = writer.existing(task, length) if resume else []
             if len(done) > len(records):
-                raise UserError(f"{writer.native_csv(task, length)}: {len(done)} saved rows but only "
-                                f"{len(records)} samples")
+                raise UserError(
+                    f"{writer.native_csv(task, length)}: {len(done)} saved rows but only "
+                    f"{len(records)} samples"
+                )
             for i, row in enumerate(done):
                 if (row["target"], row["question"]) != (records[i]["target"], records[i]["question"]):
-                    raise UserError(f"{writer.native_csv(task, length)}: row {i + 1} does not match sample {i}; "
-                                    "resume needs the same samples in the same order")
-            writer.add_existing([{"task": task, "length": length, **row,
-                                  "correct": score(row["target"], row["output"], row["question"], task)}
-                                 for row in done])
+                    raise UserError(
+                        f"{writer.native_csv(task, length)}: row {i + 1} does not match sample {i}; "
+                        "resume needs the same samples in the same order"
+                    )
+            writer.add_existing(
+                [
+                    {
+                        "task": task,
+                        "length": length,
+                        **row,
+                        "correct": score(row["target"], row["output"], row["question"], task),
+                    }
+                    for row in done
+                ]
+            )
             n_ok = sum(bool(score(r["target"], r["output"], r["question"], task)) for r in done)
             if pbar is not None:
                 pbar.update(len(done))
             for i in range(len(done), len(records)):
                 rec = records[i]
                 prompt = cfg.format(task, rec["input"], rec["question"])
-                new_ids = _cut_at_eos(list(generate_fn(list(tokenizer.encode(prompt)), max_new_tokens)), eos_id)
+                new_ids = _cut_at_eos(
+                    list(generate_fn(list(tokenizer.encode(prompt)), max_new_tokens)), eos_id
+                )
                 output = tokenizer.decode(new_ids)
                 correct = bool(score(rec["target"], output, rec["question"], task))
                 n_ok += correct
-                writer.add({"task": task, "length": length, "target": rec["target"], "output": output,
-                            "question": rec["question"], "correct": correct, "input": rec["input"]})
+                writer.add(
+                    {
+                        "task": task,
+                        "length": length,
+                        "target": rec["target"],
+                        "output": output,
+                        "question": rec["question"],
+                        "correct": correct,
+                        "input": rec["input"],
+                    }
+                )
                 if pbar is not None:
                     pbar.update(1)
                     pbar.set_postfix_str(f"{task}/{length} acc {100.0 * n_ok / (i + 1):.1f}%")

@@ -16,7 +16,7 @@ Construction (upstream ``babilong_utils``: SentenceSampler + NoiseInjectionDatas
 4. A record is ``{input: decode(tokens).strip(), question, target}``; the question keeps its trailing space.
 
 Books come from a PG-19-layout directory (``metadata.csv`` + ``{train,validation,test}/<id>.txt``), read as
-plain text files (no tensorflow here). Upstream draws from the PG-19 *test* split; so does the default.
+plain text files with Python I/O. Upstream draws from the PG-19 *test* split; so does the default.
 """
 
 from __future__ import annotations
@@ -33,8 +33,12 @@ from memlm.eval.babi import generate_task, parse_babi_text, read_babi_file
 from memlm.eval.babilong_scorer import check_task
 
 PROMPT_RESERVE = 300  # tokens held back for the prompt (upstream create_tasks)
-LENGTHS: dict[str, int] = {"0k": 0, **{f"{2 ** i}k": 2 ** i * 1024 for i in range(10)},
-                           "1M": 1024 * 1024, "10M": 10 * 1024 * 1024}
+LENGTHS: dict[str, int] = {
+    "0k": 0,
+    **{f"{2**i}k": 2**i * 1024 for i in range(10)},
+    "1M": 1024 * 1024,
+    "10M": 10 * 1024 * 1024,
+}
 FIELDS = ("input", "question", "target")
 
 
@@ -66,7 +70,9 @@ def context_tokens(length: str | int) -> int:
     if n == 0:
         return 0
     if n <= PROMPT_RESERVE:
-        raise UserError(f"length: {length!r} leaves no context after the {PROMPT_RESERVE}-token prompt reserve")
+        raise UserError(
+            f"length: {length!r} leaves no context after the {PROMPT_RESERVE}-token prompt reserve"
+        )
     return n - PROMPT_RESERVE
 
 
@@ -91,7 +97,7 @@ def split_sentences(text: str) -> list[str]:
             continue
         if punct == "." and i >= 1 and text[i - 1].isalpha() and (i < 2 or not text[i - 2].isalnum()):
             continue  # single-letter initial
-        sent = text[start:m.end()].strip()
+        sent = text[start : m.end()].strip()
         if sent:
             out.append(sent)
         start = m.end()
@@ -120,8 +126,15 @@ class BackgroundSampler:
     The random stream is ``rng``, so a seeded ``random.Random`` gives reproducible samples.
     """
 
-    def __init__(self, books_dir: str | Path, tokenizer: TextTokenizer, rng: random.Random, split: str = "test",
-                 min_sentence_len: int = 10, max_sentence_len: int | None = None):
+    def __init__(
+        self,
+        books_dir: str | Path,
+        tokenizer: TextTokenizer,
+        rng: random.Random,
+        split: str = "test",
+        min_sentence_len: int = 10,
+        max_sentence_len: int | None = None,
+    ):
         self.books = list_books(books_dir, split)
         self.tokenizer, self.rng = tokenizer, rng
         self.min_sentence_len, self.max_sentence_len = min_sentence_len, max_sentence_len
@@ -143,7 +156,7 @@ class BackgroundSampler:
             text = self._text(self.rng.choice(self.books))
             window = max(10 * (n_tokens - total), 2000)
             start = self.rng.randrange(max(1, len(text) - window))
-            sents = split_sentences(text[start:start + window])[1:-1]  # first/last are probably cut
+            sents = split_sentences(text[start : start + window])[1:-1]  # first/last are probably cut
             added = False
             for s in sents:
                 toks = list(self.tokenizer.encode(" " + s))
@@ -158,8 +171,9 @@ class BackgroundSampler:
                     break
             fruitless = 0 if added else fruitless + 1
             if fruitless > 100:
-                raise UserError(f"{self.books[0].parent}: books yield no sentences of >= "
-                                f"{self.min_sentence_len} tokens")
+                raise UserError(
+                    f"{self.books[0].parent}: books yield no sentences of >= {self.min_sentence_len} tokens"
+                )
         if total > n_tokens:
             sentences[-1] = sentences[-1][: len(sentences[-1]) - (total - n_tokens)]
         return sentences
@@ -184,12 +198,20 @@ class BuiltSample:
     target: str
 
     def record(self, tokenizer: TextTokenizer) -> dict[str, str]:
-        return {"input": tokenizer.decode(self.input_tokens).strip(), "question": self.question,
-                "target": self.target}
+        return {
+            "input": tokenizer.decode(self.input_tokens).strip(),
+            "question": self.question,
+            "target": self.target,
+        }
 
 
-def build_sample_tokens(sample: dict, length: str | int, tokenizer: TextTokenizer, rng: random.Random,
-                        background: BackgroundSampler | None = None) -> BuiltSample:
+def build_sample_tokens(
+    sample: dict,
+    length: str | int,
+    tokenizer: TextTokenizer,
+    rng: random.Random,
+    background: BackgroundSampler | None = None,
+) -> BuiltSample:
     """Hide a bAbI sample's facts in background text (upstream ``NoiseInjectionDataset``).
 
     ``sample`` = {facts, question, answer} as from ``memlm.eval.babi``. Raises UserError if the facts alone
@@ -202,8 +224,9 @@ def build_sample_tokens(sample: dict, length: str | int, tokenizer: TextTokenize
         bg: list[list[int]] = []
     else:
         if n_facts > n_ctx:
-            raise UserError(f"length {length}: the facts need {n_facts} tokens, more than the {n_ctx}-token "
-                            "context")
+            raise UserError(
+                f"length {length}: the facts need {n_facts} tokens, more than the {n_ctx}-token context"
+            )
         if background is None:
             raise UserError(f"length {length}: a books directory is needed for background text")
         bg = background.sample(n_ctx - n_facts) if n_ctx > n_facts else []
@@ -222,8 +245,13 @@ def build_sample_tokens(sample: dict, length: str | int, tokenizer: TextTokenize
     return BuiltSample(tokens, spans, sample["question"], sample["answer"])
 
 
-def build_sample(sample: dict, length: str | int, tokenizer: TextTokenizer, rng: random.Random,
-                 background: BackgroundSampler | None = None) -> dict[str, str]:
+def build_sample(
+    sample: dict,
+    length: str | int,
+    tokenizer: TextTokenizer,
+    rng: random.Random,
+    background: BackgroundSampler | None = None,
+) -> dict[str, str]:
     """One released-format record ``{input, question, target}`` (see ``build_sample_tokens``)."""
     return build_sample_tokens(sample, length, tokenizer, rng, background).record(tokenizer)
 
@@ -238,9 +266,17 @@ def _fits(sample: dict, length: str | int, tokenizer: TextTokenizer) -> bool:
     return sum(len(tokenizer.encode(" " + f)) for f in sample["facts"]) <= n_ctx
 
 
-def build_dataset(task: str, length: str | int, n_samples: int, books_dir: str | Path | None,
-                  tokenizer: TextTokenizer, seed: int, babi_path: str | Path | None = None,
-                  split: str = "test", min_sentence_len: int = 10) -> list[dict[str, str]]:
+def build_dataset(
+    task: str,
+    length: str | int,
+    n_samples: int,
+    books_dir: str | Path | None,
+    tokenizer: TextTokenizer,
+    seed: int,
+    babi_path: str | Path | None = None,
+    split: str = "test",
+    min_sentence_len: int = 10,
+) -> list[dict[str, str]]:
     """``n_samples`` BABILong records ``{input, question, target}`` for ``task`` at ``length``.
 
     Facts come from ``babi_path`` (an official or generated bAbI file) or, for qa1-qa5 without one, from the
@@ -255,8 +291,9 @@ def build_dataset(task: str, length: str | int, n_samples: int, books_dir: str |
     if babi_path is not None:
         pool = [s for s in read_babi_file(babi_path) if _fits(s, length, tokenizer)]
         if len(pool) < n_samples:
-            raise UserError(f"{babi_path}: only {len(pool)} questions fit {task} at {length}; "
-                            f"{n_samples} requested")
+            raise UserError(
+                f"{babi_path}: only {len(pool)} questions fit {task} at {length}; {n_samples} requested"
+            )
     elif task in ("qa1", "qa2", "qa3", "qa4", "qa5"):
         n_stories = n_samples
         while True:
@@ -274,7 +311,9 @@ def build_dataset(task: str, length: str | int, n_samples: int, books_dir: str |
     if parse_length(length) > 0:
         if books_dir is None:
             raise UserError(f"length {length}: a books directory is needed for background text")
-        background = BackgroundSampler(books_dir, tokenizer, rng, split=split, min_sentence_len=min_sentence_len)
+        background = BackgroundSampler(
+            books_dir, tokenizer, rng, split=split, min_sentence_len=min_sentence_len
+        )
     return [build_sample(s, length, tokenizer, rng, background) for s in chosen]
 
 
@@ -292,7 +331,9 @@ def _validate_records(rows: list[Any], path: Path) -> list[dict[str, str]]:
             if f not in row:
                 raise UserError(f"{path}: record {i}: missing field '{f}'")
             if not isinstance(row[f], str):
-                raise UserError(f"{path}: record {i}: field '{f}' must be a string, got {type(row[f]).__name__}")
+                raise UserError(
+                    f"{path}: record {i}: field '{f}' must be a string, got {type(row[f]).__name__}"
+                )
         out.append({f: row[f] for f in FIELDS})
     return out
 
@@ -314,8 +355,9 @@ def read_babilong_json(path: str | Path) -> list[dict[str, str]]:
             try:
                 data.append(json.loads(line))
             except json.JSONDecodeError:
-                raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}) nor JSON lines "
-                                f"(line {i + 1})") from None
+                raise UserError(
+                    f"{path}: not valid JSON ({e.msg} at line {e.lineno}) nor JSON lines (line {i + 1})"
+                ) from None
     if isinstance(data, dict) and all(isinstance(data.get(f), list) for f in FIELDS):
         n = len(data["input"])  # columnar {input: [...], question: [...], target: [...]}
         if any(len(data[f]) != n for f in FIELDS):
@@ -346,7 +388,8 @@ def read_babilong_parquet(path: str | Path) -> list[dict[str, str]]:
 def load_babilong_dir(root: str | Path, task: str, length: str) -> list[dict[str, str]]:
     """Records for (task, length) from a local copy of the released data.
 
-    Looks for ``{root}/data/{task}/{length}.json`` or ``{root}/{task}/{length}.json`` (RMT-team/babilong), then
+    Looks for ``{root}/data/{task}/{length}.json`` or ``{root}/{task}/{length}.json`` (RMT-team/babilong),
+    then
     parquet: ``{root}/{length}/{task}-*.parquet`` shards (babilong-1k-samples) or
     ``{root}/{length}/{task}/*.parquet`` (the parquet-converter layout), each also under ``{root}/data``.
     """
@@ -358,17 +401,23 @@ def load_babilong_dir(root: str | Path, task: str, length: str) -> list[dict[str
             p = base / task / f"{length}{ext}"
             if p.is_file():
                 return reader(p)
-        shards = sorted((base / length).glob(f"{task}-*.parquet")) + sorted((base / length / task).glob("*.parquet"))
+        shards = sorted((base / length).glob(f"{task}-*.parquet")) + sorted(
+            (base / length / task).glob("*.parquet")
+        )
         if shards:
             return [r for s in shards for r in read_babilong_parquet(s)]
-    raise UserError(f"{root}: no BABILong data for {task} at {length} (looked for data/{task}/{length}.json "
-                    f"and {length}/{task}-*.parquet)")
+    raise UserError(
+        f"{root}: no BABILong data for {task} at {length} (looked for data/{task}/{length}.json "
+        f"and {length}/{task}-*.parquet)"
+    )
 
 
 def write_babilong_json(path: str | Path, records: list[dict[str, str]]) -> Path:
     """Write records in the released layout (a JSON list); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([{f: r[f] for f in FIELDS} for r in records], ensure_ascii=False, indent=1),
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps([{f: r[f] for f in FIELDS} for r in records], ensure_ascii=False, indent=1),
+        encoding="utf-8",
+    )
     return path

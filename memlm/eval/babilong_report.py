@@ -5,7 +5,7 @@ Per-sample results are dicts ``{task, length, target, output, question, correct}
 flight, and ``finalize`` writes the summaries. Layout under ``out_dir`` (cfg = prompt config name,
 ts = run timestamp):
 
-* ``{task}_{len}_{cfg}.csv`` (+ ``.json`` sidecar)  BABILong-native predictions, columns target,output,question;
+* ``{task}_{len}_{cfg}.csv`` (+ ``.json`` sidecar)  BABILong-native predictions (target,output,question);
   the sidecar is ``{prompt: {instruction, examples, post_prompt, template, chat_template, system_prompt},
   generate_kwargs}``. Appended per sample.
 * ``samples_babilong_{task}_{len}_{ts}.jsonl``         lm-eval-style per-sample records
@@ -45,7 +45,7 @@ def cell_name(task: str, length: str) -> str:
 
 
 def task_key(task: str) -> int:
-    return int(task[2:]) if task.startswith("qa") and task[2:].isdigit() else 10 ** 6
+    return int(task[2:]) if task.startswith("qa") and task[2:].isdigit() else 10**6
 
 
 def as_prompt_config(cfg: PromptConfig | str | dict) -> PromptConfig:
@@ -70,8 +70,9 @@ def aggregate(results: Iterable[dict]) -> dict[tuple[str, str], tuple[float, int
     return {k: mean_stderr(v) for k, v in cells.items()}
 
 
-def accuracy_matrix(scores: dict[tuple[str, str], tuple[float, int, float]]
-                    ) -> tuple[list[str], list[str], list[list[float]]]:
+def accuracy_matrix(
+    scores: dict[tuple[str, str], tuple[float, int, float]],
+) -> tuple[list[str], list[str], list[list[float]]]:
     """(row names, length names, values %) with -1 for missing cells and a final ``avg`` row over qa1-5."""
     lengths = sorted({length for _, length in scores}, key=parse_length)
     tasks = sorted({t for t, _ in scores}, key=task_key)
@@ -85,8 +86,13 @@ def accuracy_matrix(scores: dict[tuple[str, str], tuple[float, int, float]]
 
 def _git_hash() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         if out.returncode != 0:
             return None
         return out.stdout.strip() or None
@@ -105,10 +111,19 @@ class BabilongWriter:
     ``existing(task, length)`` returns their rows.
     """
 
-    def __init__(self, out_dir: str | Path, prompt_cfg: PromptConfig | str | dict, metric: str = "babilong",
-                 model_name: str = "memlm", timestamp: str | None = None, max_new_tokens: int = 20,
-                 store_inputs: bool = False, resume: bool = False, seed: int | None = None,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        prompt_cfg: PromptConfig | str | dict,
+        metric: str = "babilong",
+        model_name: str = "memlm",
+        timestamp: str | None = None,
+        max_new_tokens: int = 20,
+        store_inputs: bool = False,
+        resume: bool = False,
+        seed: int | None = None,
+        config: dict | None = None,
+    ):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg = as_prompt_config(prompt_cfg)
@@ -139,9 +154,11 @@ class BabilongWriter:
         if not (self.resume and p.is_file()):
             with open(p, "w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerow(NATIVE_COLUMNS)
-        sidecar = {"prompt": self.cfg.parts(task),
-                   "generate_kwargs": {"max_new_tokens": self.max_new_tokens, "do_sample": False},
-                   "metric": self.metric}
+        sidecar = {
+            "prompt": self.cfg.parts(task),
+            "generate_kwargs": {"max_new_tokens": self.max_new_tokens, "do_sample": False},
+            "metric": self.metric,
+        }
         p.with_suffix(".json").write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
         self._opened.add((task, length))
 
@@ -169,9 +186,15 @@ class BabilongWriter:
             doc["input_chars"] = len(result["input"])
             if self.store_inputs:
                 doc["input"] = result["input"]
-        line = {"doc_id": doc_id, "doc": doc, "target": result["target"], "resps": [[result["output"]]],
-                "filtered_resps": [result["output"]], "metric": self.metric,
-                "acc": 1.0 if result["correct"] else 0.0}
+        line = {
+            "doc_id": doc_id,
+            "doc": doc,
+            "target": result["target"],
+            "resps": [[result["output"]]],
+            "filtered_resps": [result["output"]],
+            "metric": self.metric,
+            "acc": 1.0 if result["correct"] else 0.0,
+        }
         with open(self.samples_jsonl(task, length), "a", encoding="utf-8") as f:
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
@@ -189,32 +212,61 @@ class BabilongWriter:
         with open(paths["matrix_csv"], "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["task", *lengths])
-            for name, row in zip(names, values):
+            for name, row in zip(names, values, strict=True):
                 w.writerow([name, *[_fmt(v) for v in row]])
-        paths["heatmap_png"] = plot_heatmap(names, lengths, values, Path(f"{base}_heatmap.png"),
-                                            title=f"{self.model_name}: {self.cfg.subtitle}")
-        paths["acc_vs_length_png"] = plot_acc_vs_length(names, lengths, values,
-                                                        Path(f"{base}_acc_vs_length.png"),
-                                                        title=f"{self.model_name}: {self.cfg.subtitle}")
+        paths["heatmap_png"] = plot_heatmap(
+            names,
+            lengths,
+            values,
+            Path(f"{base}_heatmap.png"),
+            title=f"{self.model_name}: {self.cfg.subtitle}",
+        )
+        paths["acc_vs_length_png"] = plot_acc_vs_length(
+            names,
+            lengths,
+            values,
+            Path(f"{base}_acc_vs_length.png"),
+            title=f"{self.model_name}: {self.cfg.subtitle}",
+        )
         paths["summary_jsonl"] = self.out / "babilong_summary.jsonl"
         with open(paths["summary_jsonl"], "a", encoding="utf-8") as f:
-            for (task, length), (acc, n, se) in sorted(scores.items(),
-                                                        key=lambda kv: (task_key(kv[0][0]), parse_length(kv[0][1]))):
-                f.write(json.dumps({"model": self.model_name, "task": task, "length": length, "n": n,
-                                    "acc": acc, "stderr": se, "metric": self.metric,
-                                    "prompt_cfg": self.cfg.name, "seed": self.seed, "date": self.ts}) + "\n")
+            for (task, length), (acc, n, se) in sorted(
+                scores.items(), key=lambda kv: (task_key(kv[0][0]), parse_length(kv[0][1]))
+            ):
+                f.write(
+                    json.dumps(
+                        {
+                            "model": self.model_name,
+                            "task": task,
+                            "length": length,
+                            "n": n,
+                            "acc": acc,
+                            "stderr": se,
+                            "metric": self.metric,
+                            "prompt_cfg": self.cfg.name,
+                            "seed": self.seed,
+                            "date": self.ts,
+                        }
+                    )
+                    + "\n"
+                )
         return {"scores": scores, "paths": paths}
 
     def _write_results_json(self, scores: dict) -> Path:
         results, configs, versions, nshot, hib, nsamp = {}, {}, {}, {}, {}, {}
-        for (task, length), (acc, n, se) in sorted(scores.items(),
-                                                    key=lambda kv: (task_key(kv[0][0]), parse_length(kv[0][1]))):
+        for (task, length), (acc, n, se) in sorted(
+            scores.items(), key=lambda kv: (task_key(kv[0][0]), parse_length(kv[0][1]))
+        ):
             name = cell_name(task, length)
             results[name] = {"alias": name, "acc,none": acc / 100.0, "acc_stderr,none": se / 100.0}
             shots = 0 if (self.cfg.finetuned or not self.cfg.examples) else n_examples(task)
             configs[name] = {
-                "task": name, "tag": ["babilong"], "dataset_name": length, "test_split": task,
-                "output_type": "generate_until", "num_fewshot": shots,
+                "task": name,
+                "tag": ["babilong"],
+                "dataset_name": length,
+                "test_split": task,
+                "output_type": "generate_until",
+                "num_fewshot": shots,
                 "generation_kwargs": {"max_gen_toks": self.max_new_tokens, "do_sample": False},
                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
                 "metadata": {"prompt_config": self.cfg.name, "babilong_metric": self.metric},
@@ -223,33 +275,55 @@ class BabilongWriter:
             nsamp[name] = {"original": n, "effective": n}
         groups, group_subtasks = {}, {}
         for length in sorted({length for _, length in scores}, key=parse_length):
-            members = [(t, length) for t in sorted({t for t, _ in scores}, key=task_key) if (t, length) in scores]
+            members = [
+                (t, length) for t in sorted({t for t, _ in scores}, key=task_key) if (t, length) in scores
+            ]
             gsets = [(f"babilong_{length}", members)]
             if all((t, length) in scores for t in HEADLINE_TASKS):
                 gsets.append((f"babilong_qa1-5_{length}", [(t, length) for t in HEADLINE_TASKS]))
             for gname, cells in gsets:
                 k = len(cells)
-                groups[gname] = {"alias": gname,
-                                 "acc,none": sum(scores[c][0] for c in cells) / k / 100.0,
-                                 # stderr of a mean of k independent cell means
-                                 "acc_stderr,none": math.sqrt(sum((scores[c][2] / 100.0) ** 2 for c in cells)) / k}
+                groups[gname] = {
+                    "alias": gname,
+                    "acc,none": sum(scores[c][0] for c in cells) / k / 100.0,
+                    # stderr of a mean of k independent cell means
+                    "acc_stderr,none": math.sqrt(sum((scores[c][2] / 100.0) ** 2 for c in cells)) / k,
+                }
                 group_subtasks[gname] = [cell_name(*c) for c in cells]
         doc = {
-            "results": results, "groups": groups, "group_subtasks": group_subtasks, "configs": configs,
-            "versions": versions, "n-shot": nshot, "higher_is_better": hib, "n-samples": nsamp,
-            "config": {"model": self.model_name, "model_args": self.config.get("model_args"),
-                       "batch_size": 1, "gen_kwargs": {"max_new_tokens": self.max_new_tokens, "do_sample": False},
-                       "prompt_config": self.cfg.name, "babilong_metric": self.metric, "seed": self.seed,
-                       **{k: v for k, v in self.config.items() if k != "model_args"}},
-            "git_hash": _git_hash(), "date": time.time(),
+            "results": results,
+            "groups": groups,
+            "group_subtasks": group_subtasks,
+            "configs": configs,
+            "versions": versions,
+            "n-shot": nshot,
+            "higher_is_better": hib,
+            "n-samples": nsamp,
+            "config": {
+                "model": self.model_name,
+                "model_args": self.config.get("model_args"),
+                "batch_size": 1,
+                "gen_kwargs": {"max_new_tokens": self.max_new_tokens, "do_sample": False},
+                "prompt_config": self.cfg.name,
+                "babilong_metric": self.metric,
+                "seed": self.seed,
+                **{k: v for k, v in self.config.items() if k != "model_args"},
+            },
+            "git_hash": _git_hash(),
+            "date": time.time(),
         }
         path = self.out / f"results_{self.ts}.json"
         path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
         return path
 
 
-def write_report(results: list[dict], out_dir: str | Path, prompt_cfg: PromptConfig | str | dict,
-                 metric: str = "babilong", **writer_kwargs) -> dict:
+def write_report(
+    results: list[dict],
+    out_dir: str | Path,
+    prompt_cfg: PromptConfig | str | dict,
+    metric: str = "babilong",
+    **writer_kwargs,
+) -> dict:
     """Write every output for a finished list of per-sample results (non-incremental convenience)."""
     w = BabilongWriter(out_dir, prompt_cfg, metric, **writer_kwargs)
     for r in results:
@@ -271,22 +345,28 @@ def _figure(figsize: tuple[float, float]):
     return fig
 
 
-def plot_heatmap(names: list[str], lengths: list[str], values: list[list[float]], path: Path,
-                 title: str = "") -> Path:
+def plot_heatmap(
+    names: list[str], lengths: list[str], values: list[list[float]], path: Path, title: str = ""
+) -> Path:
     """Red->yellow->green heatmap, vmin 0 vmax 100, integer annotations; missing (-1) cells grey with '-'."""
     import numpy as np
     from matplotlib.colors import LinearSegmentedColormap
 
-    cmap = LinearSegmentedColormap.from_list("ryg", ["red", "yellow", "green"])
-    cmap.set_bad("lightgray")
+    cmap = LinearSegmentedColormap.from_list("ryg", ["red", "yellow", "green"]).with_extremes(bad="lightgray")
     arr = np.array(values, dtype=float).reshape(len(names), len(lengths))
     fig = _figure((1.5 + 0.8 * max(len(lengths), 1), 1.2 + 0.45 * max(len(names), 1)))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(np.ma.masked_less(arr, 0), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     for i in range(arr.shape[0]):
         for j in range(arr.shape[1]):
-            ax.text(j, i, "-" if arr[i, j] < 0 else str(int(round(arr[i, j]))), ha="center", va="center",
-                    fontsize=9)
+            ax.text(
+                j,
+                i,
+                "-" if arr[i, j] < 0 else str(int(round(arr[i, j]))),
+                ha="center",
+                va="center",
+                fontsize=9,
+            )
     ax.set_xticks(range(len(lengths)), lengths)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("Context size")
@@ -299,20 +379,26 @@ def plot_heatmap(names: list[str], lengths: list[str], values: list[list[float]]
     return path
 
 
-def plot_acc_vs_length(names: list[str], lengths: list[str], values: list[list[float]], path: Path,
-                       title: str = "") -> Path:
+def plot_acc_vs_length(
+    names: list[str], lengths: list[str], values: list[list[float]], path: Path, title: str = ""
+) -> Path:
     """Accuracy (%) against context length on a log2 x axis; "0k" is drawn at 512 tokens, labelled 0k."""
     fig = _figure((6.0, 4.0))
     ax = fig.add_subplot(1, 1, 1)
     xs = [parse_length(length) or 512 for length in lengths]
-    for name, row in zip(names, values):
-        pts = [(x, v) for x, v in zip(xs, row) if v >= 0]
+    for name, row in zip(names, values, strict=True):
+        pts = [(x, v) for x, v in zip(xs, row, strict=True) if v >= 0]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linewidth=2.5 if name == "avg" else 1.2, label=name)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                linewidth=2.5 if name == "avg" else 1.2,
+                label=name,
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, lengths)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-2, 102)  # keep markers at 0 and 100 visible
     ax.set_xlabel("Context size")
     ax.set_ylabel("Accuracy, %")
     if title:
@@ -349,10 +435,14 @@ def read_predictions_csv(path: str | Path) -> list[dict]:
                     raise UserError(f"{path}: missing column '{col}' (header: {','.join(header) or 'empty'})")
             for i, row in enumerate(reader, start=1):
                 if None in row or any(v is None for v in row.values()):
-                    raise UserError(f"{path}: row {i} (line {reader.line_num}): expected {len(header)} fields")
+                    raise UserError(
+                        f"{path}: row {i} (line {reader.line_num}): expected {len(header)} fields"
+                    )
                 rows.append({c: row[c] for c in NATIVE_COLUMNS})
         except csv.Error as e:
-            raise UserError(f"{path}: row {len(rows) + 1} (line {reader.line_num}): malformed CSV ({e})") from e
+            raise UserError(
+                f"{path}: row {len(rows) + 1} (line {reader.line_num}): malformed CSV ({e})"
+            ) from e
     return rows
 
 
@@ -366,6 +456,16 @@ def rescore_predictions_csv(path: str | Path, task: str, metric: str = "babilong
     return mean_stderr([fn(r["target"], r["output"], r["question"], task) for r in rows])[0]
 
 
-__all__ = ["TASKS", "BabilongWriter", "write_report", "aggregate", "accuracy_matrix", "plot_heatmap",
-           "plot_acc_vs_length", "read_predictions_csv", "rescore_predictions_csv", "cell_name",
-           "as_prompt_config"]
+__all__ = [
+    "TASKS",
+    "BabilongWriter",
+    "write_report",
+    "aggregate",
+    "accuracy_matrix",
+    "plot_heatmap",
+    "plot_acc_vs_length",
+    "read_predictions_csv",
+    "rescore_predictions_csv",
+    "cell_name",
+    "as_prompt_config",
+]

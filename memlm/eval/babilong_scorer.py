@@ -109,7 +109,7 @@ def lm_eval_acc(target: str, output: str, question: str = "", task: str = "") ->
 
 
 def exact_match(target: str, output: str, question: str = "", task: str = "") -> bool:
-    """Fine-tuned models (RMT/ARMT): exact string match of the decoded answer, surrounding whitespace ignored."""
+    """Fine-tuned models (RMT/ARMT): exact string match of the decoded answer (outer whitespace ignored)."""
     return output.strip() == target.strip()
 
 
@@ -131,7 +131,9 @@ def get_metric(metric: str) -> Callable[[str, str, str, str], bool]:
 def score_row(row: Mapping[str, str], task: str, metric: str = "babilong") -> bool:
     """Score one ``{target, output, question}`` row."""
     check_task(task)
-    return bool(get_metric(metric)(str(row["target"]), str(row["output"]), str(row.get("question", "")), task))
+    return bool(
+        get_metric(metric)(str(row["target"]), str(row["output"]), str(row.get("question", "")), task)
+    )
 
 
 def mean_stderr(correct: Iterable[bool | float]) -> tuple[float, int, float]:
@@ -148,7 +150,9 @@ def mean_stderr(correct: Iterable[bool | float]) -> tuple[float, int, float]:
     return 100.0 * mean, n, 100.0 * math.sqrt(var / n)
 
 
-def score_rows(rows: Iterable[Mapping[str, str]], task: str, metric: str = "babilong") -> tuple[float, int, float]:
+def score_rows(
+    rows: Iterable[Mapping[str, str]], task: str, metric: str = "babilong"
+) -> tuple[float, int, float]:
     """Accuracy of rows ``{target, output, question}`` for one task: (accuracy %, n, stderr %).
 
     Raises UserError if there are no rows.

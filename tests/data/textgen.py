@@ -33,7 +33,9 @@ def write_text_dir(root: Path, n_docs: int = 3, n_lines: int = 40, seed: int = 0
     return texts
 
 
-def write_pg19_tree(root: Path, books: dict[str, list[int]], seed: int = 0, n_lines: int = 30) -> dict[int, str]:
+def write_pg19_tree(
+    root: Path, books: dict[str, list[int]], seed: int = 0, n_lines: int = 30
+) -> dict[int, str]:
     """A PG-19 tree; books maps split -> book ids. Titles contain commas and quotes. Returns {id: text}."""
     texts = {}
     rows = []
