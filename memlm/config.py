@@ -61,7 +61,78 @@ class RMTConfig(_Strict):
     )
 
 
-MEMORY_SECTIONS = {"rmt": "rmt"}
+class HMTConfig(_Strict):
+    """Hierarchical Memory Transformer (He et al. 2024, arXiv 2405.06067); defaults from models.md §3(d)."""
+
+    num_sensory: int = Field(32, ge=0, description="k tokens of the previous segment re-embedded (sensory memory)")
+    cache_size: int = Field(100, ge=1, description="N cached memory embeddings searched by recall")
+    recall_dim: int = Field(4096, ge=1, description="d_h of the recall query/key projections")
+    sum_fraction: float = Field(0.5, gt=0, le=1, description="fraction of the segment summarised")
+    stage: Literal[1, 2] = Field(2, description="1: RMT + sensory memory, no recall; 2: with memory recall")
+    loss_segments: Literal["all", "last"] = Field(
+        "all", description="all segments (paper) or only the last segment (official code)"
+    )
+
+
+class LM2Config(_Strict):
+    """LM2 (Kang et al. 2025, arXiv 2502.06049), the paper's formulation with causal gates."""
+
+    num_slots: int = Field(2048, ge=1, description="N memory slots per sequence")
+    num_heads: int = Field(8, ge=1)
+    top_k: int = Field(0, ge=0, description="optional top-k over slots in the read (0 = all)")
+    gate_mode: Literal["causal", "sequence_mean_leaky"] = Field(
+        "causal",
+        description="causal per-token gates (default) or the official code's sequence-mean gate, which leaks "
+        "future tokens into earlier positions",
+    )
+
+
+class TitansConfig(_Strict):
+    """Titans neural long-term memory (Behrouz et al. 2025, arXiv 2501.00663)."""
+
+    variant: Literal["mac", "mag", "mal"] = "mac"
+    memory_depth: int = Field(2, description="L_M layers of the memory MLP (>= 1)")
+    memory_expansion: int = Field(2, ge=1, description="hidden width of deep memory = expansion * head dim")
+    memory_heads: int = Field(1, ge=1)
+    chunk_size: int = Field(16, ge=1, description="tokens per parallel chunk of the memory update")
+    gates: Literal["per_token", "per_chunk"] = "per_token"
+    num_persistent: int = Field(4, ge=0, description="N_p learned persistent memory tokens")
+    num_longterm: int = Field(0, ge=0, description="MAC: retrieved long-term tokens (0 = one per segment token)")
+    window: int = Field(64, ge=1, description="MAG/MAL sliding-window attention size")
+    max_lr: float = Field(0.1, gt=0, description="bound on the inner learning rate theta")
+    conv_kernel: int = Field(4, ge=1, description="depthwise conv width after the q/k/v projections")
+    memory_layers: list[int] | None = Field(None, description="layers with memory (None = all)")
+
+
+class LandmarkConfig(_Strict):
+    """Landmark attention (Mohtashami & Jaggi 2023, arXiv 2305.16300)."""
+
+    block_size: int = Field(50, ge=1, description="b regular tokens per block; a landmark follows each block")
+    include_landmark_in_loss: bool = False
+    top_k: int = Field(4, ge=1, description="retrieved blocks at inference")
+    retrieval_mode: Literal["per_token_and_head", "max_over_heads", "max_over_tokens"] = "per_token_and_head"
+    cache_blocks: int = Field(4096, ge=1, description="blocks held in the inference KV cache")
+    offload_kv: bool = Field(False, description="keep the full KV cache in host memory, landmark keys on device")
+
+
+class MemoryLayersConfig(_Strict):
+    """Product-key memory layers (Lample et al. 2019) and Memory+ (Berges et al. 2024, arXiv 2412.09764)."""
+
+    layers: list[int] = Field(default_factory=lambda: [1], description="layers whose FFN becomes a memory")
+    num_values: int = Field(1024 * 1024, ge=1, description="N values (a perfect square)")
+    heads: int = Field(4, ge=1)
+    top_k: int = Field(32, ge=1)
+    k_dim: int = Field(512, ge=2)
+    value_dim: int = Field(0, ge=0, description="0 = d_model")
+    memory_plus: bool = Field(True, description="shared value pool + SiLU-gated output (swilu)")
+    qk_norm: bool = False
+    value_lr: float = Field(1e-3, gt=0, description="learning rate of the values (own optimizer group)")
+    value_weight_decay: bool = False
+    value_sharding: Literal["columns", "rows"] = "columns"
+
+
+MEMORY_SECTIONS = {"rmt": "rmt", "hmt": "hmt", "lm2": "lm2", "titans": "titans", "landmark": "landmark",
+                   "memory_layers": "memory_layers"}
 
 
 class ModelConfig(_Strict):
@@ -87,6 +158,11 @@ class ModelConfig(_Strict):
     )
     init_std: float = 0.02
     rmt: RMTConfig | None = None
+    hmt: HMTConfig | None = None
+    lm2: LM2Config | None = None
+    titans: TitansConfig | None = None
+    landmark: LandmarkConfig | None = None
+    memory_layers: MemoryLayersConfig | None = None
 
     @property
     def padded_vocab(self) -> int:
@@ -181,6 +257,26 @@ class Config(_Strict):
                     f"data.segment_len ({self.data.segment_len}) + 2*model.rmt.num_mem_tokens does not fit "
                     f"model.max_seq_len ({self.model.max_seq_len})"
                 )
+        m = self.model
+        if m.kind == "titans":
+            if m.titans.memory_depth < 1:
+                raise ValueError("model.titans.memory_depth must be >= 1 (the paper's memory is an MLP)")
+            if self.data.segment_len % m.titans.chunk_size:
+                raise ValueError(f"model.titans.chunk_size ({m.titans.chunk_size}) does not divide "
+                                 f"data.segment_len ({self.data.segment_len})")
+        if m.kind == "landmark" and self.data.segment_len % m.landmark.block_size:
+            raise ValueError(f"model.landmark.block_size ({m.landmark.block_size}) does not divide "
+                             f"data.segment_len ({self.data.segment_len})")
+        if m.kind == "memory_layers":
+            ml = m.memory_layers
+            root = int(round(ml.num_values**0.5))
+            if root * root != ml.num_values:
+                raise ValueError(f"model.memory_layers.num_values ({ml.num_values}) is not a perfect square")
+            if ml.top_k > root:
+                raise ValueError(f"model.memory_layers.top_k ({ml.top_k}) exceeds sqrt(num_values) ({root})")
+            bad = [i for i in ml.layers if not 0 <= i < m.n_layers]
+            if bad:
+                raise ValueError(f"model.memory_layers.layers {bad} out of range for model.n_layers={m.n_layers}")
         if self.data.tokenizer == "bytes" and self.model.vocab_size < 259:
             raise ValueError("model.vocab_size must be >= 259 for the byte tokenizer")
         return self
