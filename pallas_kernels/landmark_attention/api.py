@@ -9,7 +9,8 @@ implementation:
   'triton'    Pallas kernels lowered through Triton (``triton.py``); needs a GPU or ``interpret=True``.
   'mosaic'    Pallas kernels for TPU (Mosaic, ``tpu.py``); needs a TPU or ``interpret=True``.
   'reference' dense T x T (``reference.py``); tests and small inputs only.
-An explicitly requested kernel that cannot run (wrong backend, unsupported shape) raises UserError.
+An explicitly requested kernel that cannot run (wrong backend, unsupported shape) raises UserError;
+with ``interpret=True`` the Pallas kernels take any block size >= 2 and any head_dim.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 from memlm.errors import UserError
 
 from .reference import landmark_attention_reference
-from .triton import landmark_attention_triton
 from .tpu import landmark_attention_tpu
+from .triton import landmark_attention_triton
 from .xla import landmark_attention_xla
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,14 @@ def pallas_unsupported(kind: str, block_size: int, head_dim: int, dtype) -> str 
     """
     if kind == "triton":
         if not (_pow2(block_size) and block_size >= 16):
-            return f"block_size={block_size} must be a power of two >= 16 for the Triton kernel (e.g. 64, b=63)"
+            return f"block_size={block_size} must be a power of two >= 16 for the Triton kernel (e.g. 64)"
         if not (_pow2(head_dim) and head_dim >= 16):
             return f"head_dim={head_dim} must be a power of two >= 16 for the Triton kernel"
     elif kind == "mosaic":
-        sub = 8 if jnp.dtype(dtype).itemsize >= 4 else 16
+        dtype = jnp.dtype(dtype)
+        sub = 8 if dtype.itemsize >= 4 else 16
         if block_size % sub:
-            return f"block_size={block_size} must be a multiple of {sub} for the TPU kernel ({jnp.dtype(dtype)})"
+            return f"block_size={block_size} must be a multiple of {sub} for the TPU kernel ({dtype})"
     return None
 
 

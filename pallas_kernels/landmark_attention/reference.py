@@ -110,6 +110,6 @@ def landmark_weights_reference(
 def landmark_attention_reference(
     q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: int, scale: float | None = None
 ) -> jax.Array:
-    """Dense landmark attention o = w @ v. q, k, v: [batch, heads, T, head_dim] -> [batch, heads, T, head_dim]."""
+    """Dense landmark attention o = w @ v; q, k, v: [batch, heads, T, head_dim] -> same shape."""
     w = landmark_weights_reference(q, k, block_size, scale=scale)
     return jnp.einsum("bhqk,bhkd->bhqd", w, v.astype(jnp.float32)).astype(q.dtype)

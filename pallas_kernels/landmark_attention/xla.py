@@ -71,7 +71,9 @@ def offdiag_parts(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return a, e / jnp.sum(e, axis=-1, keepdims=True)
 
 
-def fwd_offdiag(m, l, acc, q, k, v):
+def fwd_offdiag(
+    m: jax.Array, l: jax.Array, acc: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Online-softmax update with an earlier block (k, v [L, D]); m, l [L, 1], acc [L, D] float32."""
     a, pi = offdiag_parts(mm_nt(q, k))
     u = mm(pi.astype(v.dtype), v)
@@ -80,7 +82,9 @@ def fwd_offdiag(m, l, acc, q, k, v):
     return m_new, alpha * l + p, alpha * acc + p * u
 
 
-def fwd_diag(m, l, acc, q, k, v):
+def fwd_diag(
+    m: jax.Array, l: jax.Array, acc: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Online-softmax update with the query's own block (causal, own landmark excluded)."""
     s = jnp.where(diag_mask(q.shape[0]), mm_nt(q, k), NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
@@ -88,7 +92,9 @@ def fwd_diag(m, l, acc, q, k, v):
     return m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), alpha * acc + mm(p.astype(v.dtype), v)
 
 
-def bwd_offdiag(q, k, v, g, lse, delta):
+def bwd_offdiag(
+    q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, lse: jax.Array, delta: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradient pieces of one (query tile, earlier key block) pair -> (dq, dk, dv), each [L, D] f32."""
     L = q.shape[0]
     a, pi = offdiag_parts(mm_nt(q, k))
@@ -102,7 +108,9 @@ def bwd_offdiag(q, k, v, g, lse, delta):
     return mm(ds.astype(k.dtype), k), mm_tn(ds.astype(q.dtype), q), mm_tn(w.astype(g.dtype), g)
 
 
-def bwd_diag(q, k, v, g, lse, delta):
+def bwd_diag(
+    q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, lse: jax.Array, delta: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradient pieces of the query tile with its own block -> (dq, dk, dv), each [L, D] f32."""
     s = jnp.where(diag_mask(q.shape[0]), mm_nt(q, k), NEG_INF)
     p = jnp.exp(s - lse)
@@ -138,7 +146,7 @@ def _forward(q, k, v, L):
         vc = lax.dynamic_index_in_dim(vb, c, axis=2, keepdims=False)
         new = off(m, l, acc, qb, kc, vc)
         valid = c < qblock  # only earlier blocks; later key blocks are skipped
-        return tuple(jnp.where(valid, n_, o_) for n_, o_ in zip(new, (m, l, acc))), None
+        return tuple(jnp.where(valid, n_, o_) for n_, o_ in zip(new, (m, l, acc), strict=True)), None
 
     (m, l, acc), _ = lax.scan(step, (m, l, acc), jnp.arange(nb))
     m, l, acc = _vmap3(fwd_diag)(m, l, acc, qb, kb, vb)

@@ -9,7 +9,7 @@ What is fused (grid = token blocks of `block_t` tokens, heads unrolled inside a 
 - forward, one pallas_call: sub-key scores q1·K1ᵀ, q2·K2ᵀ (tl.dot over `block_s`-row chunks of the
   sub-key table), top-k of each half, the k² candidate sums, their exact top-k, the float32 softmax, and
   the weighted gather-sum of value rows (a [block_t, d_v] row gather per selected slot), summed over heads.
-  No score array larger than [block_t, kp + block_s] or [block_t, kp, kp] exists.
+  No score array larger than [block_t, block_s], [block_t, kp, 2] or [block_t, kp, kp] exists.
 - backward, one pallas_call: dw = g·V[idx] (re-gathered rows), the softmax backward, dq (gathered
   sub-key rows), and scatter-adds into dV, dK1, dK2 with `pltriton.atomic_add`, one row per (token, slot):
   float atomics, so the summation order (and the last bits) of dV/dK is not deterministic. The
@@ -17,13 +17,15 @@ What is fused (grid = token blocks of `block_t` tokens, heads unrolled inside a 
 
 Top-k inside the kernel is k iterations of (row max, lowest index attaining it, mask it out): O(k·width)
 per row, fine for the paper's k = 32, not for large k. Ties go to the lower index, as `lax.top_k`. The
-sub-key top-k is a running merge: each chunk of `block_s` scores is concatenated with the current top-kp
+sub-key top-k is a running merge: each chunk of `block_s` = kp scores is joined with the current top-kp
 and re-selected, so the sub-key table is never held whole.
 
 Triton needs power-of-two tensors: the per-row top-k state is padded to kp = max(next_pow2(k), 16) (the
-tl.dot minimum); sqrt_n, k_dim/2 and d_v must be powers of two >= 16 (else NotImplementedError, and the
-api falls back to XLA). Tokens are padded to a multiple of `block_t`. Status: tested on CPU in
-interpret mode (forward and gradients against reference.py) and lowered for cuda; never run on a GPU.
+tl.dot minimum); sqrt_n, k_dim/2 and d_v must be powers of two >= 16 and sqrt_n a multiple of kp (else
+NotImplementedError, and the api falls back to XLA; interpret mode has the same limits). Tokens are
+padded to a multiple of `block_t`. Status: tested on CPU in interpret mode (forward and gradients against
+reference.py) and lowered for cuda; never compiled or run on a GPU (register pressure of the
+[block_t, kp, kp] candidate tile at k = 32 and num_warps=4 is untuned).
 """
 from __future__ import annotations
 
@@ -47,14 +49,13 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _layout(top_k: int, sqrt_n: int, interpret: bool) -> tuple[int, int]:
-    """(kp, block_s): padded top-k width and sub-key chunk rows."""
+def _layout(top_k: int, sqrt_n: int) -> tuple[int, int]:
+    """(kp, block_s): padded top-k width and sub-key chunk rows (equal, so a chunk and the running
+    top-k join into [R, kp, 2]: Triton has no general concatenate)."""
     kp = max(_next_pow2(top_k), 16)
-    if kp <= sqrt_n and sqrt_n % kp == 0:
-        return kp, kp
-    if interpret:  # the interpreter has no power-of-two rule: one chunk of the whole table
-        return kp, sqrt_n
-    raise NotImplementedError(f"triton pkm_lookup: sqrt_n={sqrt_n} must be a multiple of kp={kp}")
+    if sqrt_n % kp:
+        raise NotImplementedError(f"triton pkm_lookup: sqrt_n={sqrt_n} must be a multiple of kp={kp}")
+    return kp, kp
 
 
 def check_supported(k_dim: int, sqrt_n: int, d_v: int, top_k: int) -> None:
@@ -63,7 +64,7 @@ def check_supported(k_dim: int, sqrt_n: int, d_v: int, top_k: int) -> None:
     for name, val in (("sqrt_n", sqrt_n), ("k_dim/2", half), ("d_v", d_v)):
         if not _is_pow2(val) or val < 16:
             raise NotImplementedError(f"triton pkm_lookup: {name}={val} must be a power of two >= 16")
-    _layout(top_k, sqrt_n, interpret=False)
+    _layout(top_k, sqrt_n)
 
 
 def _select(vals, ids, top_k: int, kp: int):
@@ -101,11 +102,8 @@ def _sub_top_k(q, k_ref, h: int, sqrt_n: int, top_k: int, kp: int, block_s: int)
         s = lax.dot_general(q, kc, (((1,), (1,)), ((), ())), precision=_HI,
                             preferred_element_type=jnp.float32)  # [R, block_s]
         si = c * block_s + lax.broadcasted_iota(jnp.int32, (rows, block_s), 1)
-        if block_s == kp:  # Triton joins equal tensors on a new minor axis ([R, kp, 2]) ...
-            return _select(jnp.stack([top_v, s], axis=-1), jnp.stack([top_i, si], axis=-1), top_k, kp)
-        # ... and has no general concatenate: this branch is for the interpreter only (_layout).
-        return _select(jnp.concatenate([top_v, s], axis=1), jnp.concatenate([top_i, si], axis=1),
-                       top_k, kp)
+        # merge: the running top-kp and this chunk, joined on a new minor axis -> [R, kp, 2]
+        return _select(jnp.stack([top_v, s], axis=-1), jnp.stack([top_i, si], axis=-1), top_k, kp)
 
     init = (jnp.full((rows, kp), -jnp.inf, jnp.float32), jnp.zeros((rows, kp), jnp.int32))
     return lax.fori_loop(0, sqrt_n // block_s, chunk, init)
@@ -214,7 +212,7 @@ def _forward(q, k1, k2, v, top_k, interpret, block_t):
     sqrt_n, half, d_v = k1.shape[1], k_dim // 2, v.shape[1]
     if not interpret:
         check_supported(k_dim, sqrt_n, d_v, top_k)
-    kp, block_s = _layout(top_k, sqrt_n, interpret)
+    kp, block_s = _layout(top_k, sqrt_n)
     tp = pl.cdiv(t, block_t) * block_t
     kern = functools.partial(_fwd_kernel, heads=heads, half=half, sqrt_n=sqrt_n, top_k=top_k, kp=kp,
                              block_t=block_t, block_s=block_s)

@@ -55,7 +55,7 @@ def pkm_bag(values: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Ar
     """Embedding bag (sum mode): out[t] = Σ_m weights[t, m] · values[indices[t, m]].
 
     values [N, d_v]; indices [T, M] int32 (M = heads·top_k, every head's selection); weights [T, M] f32
-    -> [T, d_v] in values.dtype, accumulated in float32.
+    -> [T, d_v] float32 (callers cast; partial bags of a row-sharded table are summed in float32).
     """
     return _bag_fwd(values, indices, weights)[0]
 
@@ -63,7 +63,7 @@ def pkm_bag(values: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Ar
 def _bag_fwd(values, indices, weights):
     rows = jnp.take(values, indices, axis=0).astype(jnp.float32)  # [T, M, d_v]: grows with T, not N
     out = jnp.einsum("tm,tmd->td", weights.astype(jnp.float32), rows, precision=_HI)
-    return out.astype(values.dtype), (values, indices, weights)
+    return out, (values, indices, weights)
 
 
 def _bag_bwd(res, g):
@@ -96,4 +96,4 @@ def pkm_lookup_xla(
     scores, indices = pkm_select(queries, sub_keys1, sub_keys2, top_k=top_k)
     weights = jax.nn.softmax(scores, axis=-1)  # float32, per head (the heads are then summed)
     out = pkm_bag(values, indices.reshape(t, h * top_k), weights.reshape(t, h * top_k))
-    return out, indices, weights
+    return out.astype(values.dtype), indices, weights
