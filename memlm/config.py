@@ -47,6 +47,9 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     bptt_depth: int = Field(-1, description="segments of backprop through memory; -1 = full BPTT")
     async_checkpoint: bool = True
+    init_from: str | None = Field(
+        None, description="warm start: params of the latest checkpoint of this run dir (curriculum stages)"
+    )
     progress: bool = True
 
 
@@ -71,6 +74,12 @@ class HMTConfig(_Strict):
     stage: Literal[1, 2] = Field(2, description="1: RMT + sensory memory, no recall; 2: with memory recall")
     loss_segments: Literal["all", "last"] = Field(
         "all", description="all segments (paper) or only the last segment (official code)"
+    )
+    extract_from: Literal["previous_segment", "current_segment"] = Field(
+        "previous_segment",
+        description="tokens summarised into the recall query: the last sum_fraction*L tokens of the previous "
+        "segment (causal, default) or the first sum_fraction*L tokens of the current segment (paper and "
+        "official code; the recalled memory then depends on later tokens of the same segment)",
     )
 
 
@@ -112,7 +121,18 @@ class LandmarkConfig(_Strict):
     top_k: int = Field(4, ge=1, description="retrieved blocks at inference")
     retrieval_mode: Literal["per_token_and_head", "max_over_heads", "max_over_tokens"] = "per_token_and_head"
     cache_blocks: int = Field(4096, ge=1, description="blocks held in the inference KV cache")
-    offload_kv: bool = Field(False, description="keep the full KV cache in host memory, landmark keys on device")
+    offload_kv: bool = Field(False, description="keep the full KV cache in host memory, landmark keys on device "
+                             "(not implemented: see memlm/memory/landmark.py)")
+
+    @model_validator(mode="after")
+    def _check(self) -> LandmarkConfig:
+        if self.top_k > self.cache_blocks:
+            raise ValueError(f"top_k ({self.top_k}) exceeds cache_blocks ({self.cache_blocks}); retrieval picks "
+                             "top_k blocks out of the cache")
+        if self.offload_kv:
+            raise ValueError("offload_kv=true is not implemented: streaming runs as one jitted segment_logits "
+                             "call, which cannot gather host-resident blocks by data-dependent indices")
+        return self
 
 
 class MemoryLayersConfig(_Strict):
@@ -127,8 +147,13 @@ class MemoryLayersConfig(_Strict):
     memory_plus: bool = Field(True, description="shared value pool + SiLU-gated output (swilu)")
     qk_norm: bool = False
     value_lr: float = Field(1e-3, gt=0, description="learning rate of the values (own optimizer group)")
-    value_weight_decay: bool = False
-    value_sharding: Literal["columns", "rows"] = "columns"
+    value_weight_decay: bool = Field(False, description="apply train.weight_decay to the values too")
+    value_sharding: Literal["columns", "rows"] = Field(
+        "columns", description="which dim of the values is split over the mesh axis of rule pkm_value_dim"
+    )
+    implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
+        "auto", description="lookup kernel when unsharded (auto: Pallas on GPU/TPU, XLA on CPU)"
+    )
 
 
 MEMORY_SECTIONS = {"rmt": "rmt", "hmt": "hmt", "lm2": "lm2", "titans": "titans", "landmark": "landmark",
@@ -137,6 +162,12 @@ MEMORY_SECTIONS = {"rmt": "rmt", "hmt": "hmt", "lm2": "lm2", "titans": "titans",
 
 class ModelConfig(_Strict):
     kind: Literal[MODEL_KINDS] = "baseline"  # type: ignore[valid-type]
+    arch: Literal["llama", "gpt2"] = Field(
+        "llama",
+        description="backbone: llama (RMSNorm, RoPE, SwiGLU, no biases) or gpt2 (LayerNorm with bias, learned "
+        "absolute positions for max_seq_len positions, tanh-GELU MLP of width d_ff, biases everywhere; "
+        "the layout of imported GPT-2 checkpoints)",
+    )
     vocab_size: int = Field(259, ge=2)
     vocab_pad_multiple: int = Field(128, ge=1, description="embedding rows are padded to a multiple of this")
     d_model: int = Field(64, ge=1)
@@ -200,7 +231,7 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: Literal["books", "text_dir", "pg19", "synthetic"] = "books"
+    source: Literal["books", "text_dir", "pg19", "synthetic", "assoc_recall"] = "books"
     path: str = "data/books"
     tokenizer: Literal["bytes", "sentencepiece", "gpt2"] = "bytes"
     tokenizer_path: str | None = None
@@ -208,6 +239,11 @@ class DataConfig(_Strict):
     segment_len: int = Field(128, ge=1)
     eval_split: str = "validation"
     cache_dir: str | None = None
+    vary_n_segments: bool = Field(
+        False, description="each batch uses n ~ U{1..n_segments} segments, drawn from (run.seed, step)"
+    )
+    recall_pairs: int = Field(4, ge=1, description="assoc_recall: key/value pairs in the first segment")
+    synthetic_docs: int = Field(4096, ge=1, description="synthetic / assoc_recall: documents per split")
 
 
 class MeshConfig(_Strict):

@@ -57,13 +57,22 @@ def _doc_lengths(corpus) -> np.ndarray:
     return np.asarray(lengths, dtype=np.int64)
 
 
-def _fill_segment(out: dict[str, np.ndarray], b: int, s: int, doc: np.ndarray, offset: int, L: int) -> None:
+def _target_mask(corpus, d: int) -> np.ndarray | None:
+    """Optional per-target loss weights of document d ([len(doc) - 1]); e.g. answer-only losses."""
+    fn = getattr(corpus, "doc_loss_mask", None)
+    return None if fn is None else fn(d)
+
+
+def _fill_segment(
+    out: dict[str, np.ndarray], b: int, s: int, doc: np.ndarray, offset: int, L: int,
+    target_mask: np.ndarray | None = None,
+) -> None:
     """Write segment [offset, offset+L) of document `doc`'s (input, target) pairs into row b, segment s."""
     n = doc.shape[0] - 1  # number of (input, target) pairs
     m = min(L, n - offset)
     out["tokens"][b, s, :m] = doc[offset : offset + m]
     out["targets"][b, s, :m] = doc[offset + 1 : offset + 1 + m]
-    out["loss_mask"][b, s, :m] = 1.0
+    out["loss_mask"][b, s, :m] = 1.0 if target_mask is None else target_mask[offset : offset + m]
     out["reset"][b, s] = offset == 0
     out["positions"][b, s] = np.arange(offset, offset + L, dtype=np.int32)
 
@@ -132,22 +141,25 @@ class SegmentBatcher:
                 return d
             pos[1], pos[2] = pos[1] + 1, 0
 
-    def next(self) -> dict[str, np.ndarray]:
-        """The next batch (see the module docstring for the arrays)."""
+    def next(self, n_segments: int | None = None) -> dict[str, np.ndarray]:
+        """The next batch (see the module docstring). `n_segments` overrides the count for this batch only
+        (variable segment counts for curricula); slots continue their documents either way."""
         L = self.segment_len
-        out = empty_batch(len(self.slots), self.n_segments, L, self.pad_id)
+        n_seg = self.n_segments if n_segments is None else int(n_segments)
+        out = empty_batch(len(self.slots), n_seg, L, self.pad_id)
         for b, slot in enumerate(self.slots):
             pos = self._pos[slot]
-            for s in range(self.n_segments):
+            for s in range(n_seg):
                 d = self._current_doc(slot)
                 doc = self.corpus.doc(d)
-                _fill_segment(out, b, s, doc, pos[2], L)
+                _fill_segment(out, b, s, doc, pos[2], L, _target_mask(self.corpus, d))
                 pos[2] += L
                 if pos[2] >= doc.shape[0] - 1:  # document finished: next one starts on the next segment
                     pos[1], pos[2] = pos[1] + 1, 0
         return out
 
-    __next__ = next
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.next()
 
     def __iter__(self):
         return self
@@ -216,7 +228,7 @@ def eval_batches(
                 if cur[b] is None:
                     continue
                 doc = corpus.doc(cur[b])
-                _fill_segment(out, b, s, doc, off[b], L)
+                _fill_segment(out, b, s, doc, off[b], L, _target_mask(corpus, cur[b]))
                 off[b] += L
                 if off[b] >= doc.shape[0] - 1:
                     cur[b] = None

@@ -20,8 +20,17 @@ def get_corpus(cfg, split: str, tokenizer):
         from memlm.data.synthetic import SyntheticCorpus
 
         seed = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
-        return SyntheticCorpus(cfg.model.vocab_size, n_docs=64, min_len=d.segment_len,
+        return SyntheticCorpus(cfg.model.vocab_size, n_docs=d.synthetic_docs, min_len=d.segment_len,
                                max_len=4 * d.segment_len * d.n_segments, seed=seed, eos_id=tokenizer.eos_id)
+    if d.source == "assoc_recall":
+        from memlm.data.synthetic import AssociativeRecallCorpus
+
+        seed = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
+        corpus = AssociativeRecallCorpus(d.synthetic_docs, d.n_segments, d.segment_len, num_pairs=d.recall_pairs,
+                                         seed=seed)
+        if corpus.vocab_needed > cfg.model.vocab_size:
+            raise UserError(f"model.vocab_size={cfg.model.vocab_size} < {corpus.vocab_needed} needed by assoc_recall")
+        return corpus
     from memlm.data.corpus import load_corpus
 
     if not os.path.isdir(d.path):

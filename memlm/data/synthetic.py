@@ -34,3 +34,58 @@ class SyntheticCorpus:
         rng = np.random.default_rng([self._seed, i])
         toks = rng.integers(3, self._vocab, size=int(self.lengths[i]) - 1, dtype=np.int32)
         return np.concatenate([toks, np.array([self._eos], np.int32)])
+
+
+class AssociativeRecallCorpus:
+    """Associative recall across segments: key/value pairs in segment 1, the query in a later segment.
+
+    Each document is exactly n_segments * segment_len + 1 tokens (so it fills one batch row):
+      segment 0:          k1 v1 k2 v2 ... k_P v_P  then filler
+      segments 1 .. S-2:  filler
+      segment S-1:        filler ... QUERY k_j -> v_j   (the answer is the last target)
+    Keys and values are drawn without replacement from disjoint id ranges; filler tokens from a third range.
+    Only the answer target counts in the loss (`doc_loss_mask`), so accuracy = the answer's argmax.
+    A model that cannot carry information from segment 0 to segment S-1 is at chance (1 / num_values).
+    """
+
+    QUERY = 3
+
+    def __init__(self, n_docs: int, n_segments: int, segment_len: int, num_pairs: int = 4, num_keys: int = 16,
+                 num_values: int = 16, num_filler: int = 32, seed: int = 0):
+        if 2 * num_pairs > segment_len or segment_len < 3 or n_segments < 2:
+            raise ValueError("AssociativeRecallCorpus: need 2*num_pairs <= segment_len and n_segments >= 2")
+        self.key_base, self.value_base = 4, 4 + num_keys
+        self.filler_base = self.value_base + num_values
+        self.vocab_needed = self.filler_base + num_filler
+        self._args = (n_docs, n_segments, segment_len, num_pairs, num_keys, num_values, num_filler, seed)
+        self.length = n_segments * segment_len + 1
+        self.name = f"assoc-recall-n{n_docs}-s{n_segments}x{segment_len}-p{num_pairs}-seed{seed}"
+        self.pad_id = 0
+
+    @property
+    def num_docs(self) -> int:
+        return self._args[0]
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return np.full(self.num_docs, self.length, np.int64)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.num_docs * self.length
+
+    def doc(self, i: int) -> np.ndarray:
+        n_docs, s, l, p, nk, nv, nf, seed = self._args
+        rng = np.random.default_rng([seed, i])
+        toks = self.filler_base + rng.integers(0, nf, size=self.length)
+        keys = self.key_base + rng.choice(nk, size=p, replace=False)
+        values = self.value_base + rng.choice(nv, size=p, replace=False)
+        toks[0 : 2 * p : 2], toks[1 : 2 * p : 2] = keys, values
+        j = rng.integers(p)
+        toks[-3], toks[-2], toks[-1] = self.QUERY, keys[j], values[j]
+        return toks.astype(np.int32)
+
+    def doc_loss_mask(self, i: int) -> np.ndarray:
+        mask = np.zeros(self.length - 1, np.float32)
+        mask[-1] = 1.0  # the target of the query key is the value
+        return mask

@@ -14,6 +14,38 @@ from memlm.train import setup as setup_lib
 from memlm.train.loop import evaluate_loss
 
 
+class WindowedCorpus:
+    """Documents cut into windows of `window` targets (overlapping by one token, so every target is scored
+    once). For models without memory this is exactly their training context (the batcher starts every
+    document at a step boundary and the baseline attends within a step), and it fills every batch slot."""
+
+    def __init__(self, corpus, window: int):
+        self._corpus, self._spans = corpus, []
+        for i, n in enumerate(corpus.doc_lengths):
+            for start in range(0, max(int(n) - 1, 0), window):
+                self._spans.append((i, start, min(start + window + 1, int(n))))
+        self.name = f"{corpus.name}-windows{window}"
+        self.pad_id = getattr(corpus, "pad_id", 0)
+
+    @property
+    def doc_lengths(self):
+        import numpy as np
+
+        return np.array([b - a for _, a, b in self._spans], np.int64)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self._spans)
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.doc_lengths.sum())
+
+    def doc(self, j: int):
+        i, a, b = self._spans[j]
+        return self._corpus.doc(i)[a:b]
+
+
 def eval_lm(run_dir: str, split: str, max_batches: int | None = None, out: str | None = None) -> dict:
     """Mean token NLL and perplexity over `split`, streamed in training-shaped batches with memory carried."""
     from memlm import api
@@ -23,6 +55,8 @@ def eval_lm(run_dir: str, split: str, max_batches: int | None = None, out: str |
     tokenizer = lm.tokenizer
     corpus = pipeline.get_corpus(cfg, split, tokenizer)
     b = cfg.train.batch_size
+    if lm.stateless:
+        corpus = WindowedCorpus(corpus, cfg.data.n_segments * cfg.data.segment_len)
     batches = pipeline.eval_batches(cfg, corpus, max_batches)
     devices = jax.local_devices()[:1]
     setup = setup_lib.build_setup(cfg, make_mesh(1, 1, 1, devices))

@@ -121,6 +121,28 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def n_segments_for_step(cfg, step: int) -> int:
+    """Segments in this step's batch: fixed, or U{1..n_segments} from (seed, step) (RMT's vary_n_segments).
+    Each distinct count compiles the step once."""
+    if not cfg.data.vary_n_segments:
+        return cfg.data.n_segments
+    return int(np.random.default_rng([cfg.run.seed, 7919, step]).integers(1, cfg.data.n_segments + 1))
+
+
+def warm_start(setup, source_dir: str):
+    """Params from the latest checkpoint of another run (a curriculum's previous stage)."""
+    src_ckpt = os.path.join(source_dir, "checkpoints")
+    ckpt = Checkpointer(src_ckpt, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        ckpt.close()
+        raise UserError(f"train.init_from: {source_dir} has no checkpoint")
+    params = ckpt.restore_params(step, setup.abstract_params)
+    ckpt.close()
+    log.info("warm start from %s step %d", source_dir, step)
+    return params
+
+
 def evaluate_loss(setup, eval_step, params, batches, slots) -> float:
     """Token-mean eval loss over fixed batches, memory carried across them from a fresh state."""
     carry = setup_lib.init_carry(setup, params)
@@ -171,6 +193,8 @@ def train(cfg) -> dict:
     else:
         start = 0
         params = setup_lib.init_params(setup, cfg.run.seed)
+        if cfg.train.init_from:
+            params = warm_start(setup, cfg.train.init_from)
         opt_state = setup_lib.init_opt_state(setup, params)
         carry = setup_lib.init_carry(setup, params)
 
@@ -201,7 +225,7 @@ def train(cfg) -> dict:
     with _Preemption() as preempt, setup.activate():
         try:
             while step < cfg.train.steps:
-                local = batcher.next()
+                local = batcher.next(n_segments_for_step(cfg, step))
                 batch = distributed.to_global(local, setup.batch_sh)
                 params, opt_state, carry, metrics = step_fn(params, opt_state, carry, batch)
                 step += 1

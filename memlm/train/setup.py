@@ -64,7 +64,7 @@ def build_setup(cfg, mesh: Mesh, batch_size: int | None = None) -> Setup:
     with sharding.activate(mesh, rules):
         graphdef, abstract_params = nnx.get_abstract_model(lambda: build_model(cfg.model, nnx.Rngs(0)), mesh)
         param_sh = nnx.get_named_sharding(abstract_params, mesh)
-        tx = make_optimizer(cfg.train)
+        tx = make_optimizer(cfg.train, cfg.model)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         opt_sh = optax.tree_map_params(
             tx,
@@ -78,7 +78,7 @@ def build_setup(cfg, mesh: Mesh, batch_size: int | None = None) -> Setup:
         )
         model = nnx.merge(graphdef, abstract_params)
         carry_names = model.carry_axes()
-        abstract_carry = jax.eval_shape(lambda: model.init_carry(b))
+        abstract_carry = jax.eval_shape(lambda p: nnx.merge(graphdef, p).init_carry(b), abstract_params)
         carry_sh = jax.tree.map(lambda n: sharding.named(mesh, n, rules), carry_names, is_leaf=_is_names)
         abstract_carry = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_carry, carry_sh
