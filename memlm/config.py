@@ -230,8 +230,23 @@ class ModelConfig(_Strict):
         return self
 
 
+class BabilongDataConfig(_Strict):
+    """`data.source=babilong`: generated BABILong samples, loss on the answer only (RMT's fine-tuning recipe).
+
+    `data.path` holds the PG-19-layout books for background text (train split for training, validation for
+    eval loss). Curriculum: run stages with growing `lengths` (and `data.n_segments`), each warm-started from
+    the previous stage with `train.init_from`.
+    """
+
+    tasks: list[str] = Field(default_factory=lambda: ["qa1"])
+    lengths: list[str] = Field(default_factory=lambda: ["0k", "1k"])
+    samples_per_cell: int = Field(256, ge=1)
+    seed: int = Field(1, description="generator seed (evaluation uses 0, so train and eval samples differ)")
+    gpt2_tokenizer: str | None = Field(None, description="tiktoken GPT-2 file to count lengths as BABILong does")
+
+
 class DataConfig(_Strict):
-    source: Literal["books", "text_dir", "pg19", "synthetic", "assoc_recall"] = "books"
+    source: Literal["books", "text_dir", "pg19", "synthetic", "assoc_recall", "babilong"] = "books"
     path: str = "data/books"
     tokenizer: Literal["bytes", "sentencepiece", "gpt2"] = "bytes"
     tokenizer_path: str | None = None
@@ -244,6 +259,7 @@ class DataConfig(_Strict):
     )
     recall_pairs: int = Field(4, ge=1, description="assoc_recall: key/value pairs in the first segment")
     synthetic_docs: int = Field(4096, ge=1, description="synthetic / assoc_recall: documents per split")
+    babilong: BabilongDataConfig = Field(default_factory=BabilongDataConfig)
 
 
 class MeshConfig(_Strict):

@@ -31,6 +31,22 @@ def get_corpus(cfg, split: str, tokenizer):
         if corpus.vocab_needed > cfg.model.vocab_size:
             raise UserError(f"model.vocab_size={cfg.model.vocab_size} < {corpus.vocab_needed} needed by assoc_recall")
         return corpus
+    if d.source == "babilong":
+        from memlm.eval.babilong_finetune import build_train_corpus
+
+        if not os.path.isdir(d.path):
+            raise UserError(f"data.path: directory {d.path!r} does not exist (books for BABILong background text)")
+        length_tok = None
+        if d.babilong.gpt2_tokenizer:
+            from memlm.data.tokenizers import load_tokenizer
+
+            length_tok = load_tokenizer("gpt2", d.babilong.gpt2_tokenizer)
+        b = d.babilong
+        return build_train_corpus(b.tasks, b.lengths, b.samples_per_cell, d.path, tokenizer, length_tok,
+                                  seed=b.seed + (0 if split == "train" else 1000),
+                                  books_split="train" if split == "train" else "validation",
+                                  cache_dir=os.path.join(d.cache_dir or os.path.join(d.path, ".memlm_cache"),
+                                                         f"babilong-{split}"))
     from memlm.data.corpus import load_corpus
 
     if not os.path.isdir(d.path):
@@ -42,6 +58,11 @@ def get_corpus(cfg, split: str, tokenizer):
 
 
 def train_batcher(cfg, corpus, slots):
+    if cfg.data.source == "babilong":  # one whole sample per row, so BPTT spans context and answer
+        from memlm.eval.babilong_finetune import SampleBatcher
+
+        return SampleBatcher(corpus, cfg.train.batch_size, cfg.data.n_segments, cfg.data.segment_len,
+                             seed=cfg.run.seed, slots=slots)
     from memlm.data.batcher import SegmentBatcher
 
     return SegmentBatcher(corpus, cfg.train.batch_size, cfg.data.n_segments, cfg.data.segment_len,

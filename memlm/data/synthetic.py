@@ -37,23 +37,24 @@ class SyntheticCorpus:
 
 
 class AssociativeRecallCorpus:
-    """Associative recall across segments: key/value pairs in segment 1, the query in a later segment.
+    """Multi-query associative recall across segments: pairs in segment 0, queries in the last segment.
 
     Each document is exactly n_segments * segment_len + 1 tokens (so it fills one batch row):
       segment 0:          k1 v1 k2 v2 ... k_P v_P  then filler
       segments 1 .. S-2:  filler
-      segment S-1:        filler ... QUERY k_j -> v_j   (the answer is the last target)
+      segment S-1:        filler ... QUERY k_a v_a k_b v_b ...   (all P pairs again, in a random order)
     Keys and values are drawn without replacement from disjoint id ranges; filler tokens from a third range.
-    Only the answer target counts in the loss (`doc_loss_mask`), so accuracy = the answer's argmax.
-    A model that cannot carry information from segment 0 to segment S-1 is at chance (1 / num_values).
+    Only the recalled values count in the loss (`doc_loss_mask`: the targets of the repeated keys), so the
+    loss is the recall loss and accuracy = argmax at those positions. A model that cannot carry information
+    from segment 0 to segment S-1 is at chance (1 / num_values) on the first recalled value.
     """
 
     QUERY = 3
 
     def __init__(self, n_docs: int, n_segments: int, segment_len: int, num_pairs: int = 4, num_keys: int = 16,
                  num_values: int = 16, num_filler: int = 32, seed: int = 0):
-        if 2 * num_pairs > segment_len or segment_len < 3 or n_segments < 2:
-            raise ValueError("AssociativeRecallCorpus: need 2*num_pairs <= segment_len and n_segments >= 2")
+        if 2 * num_pairs + 1 > segment_len or n_segments < 2:
+            raise ValueError("AssociativeRecallCorpus: need 2*num_pairs+1 <= segment_len and n_segments >= 2")
         self.key_base, self.value_base = 4, 4 + num_keys
         self.filler_base = self.value_base + num_values
         self.vocab_needed = self.filler_base + num_filler
@@ -74,6 +75,9 @@ class AssociativeRecallCorpus:
     def total_tokens(self) -> int:
         return self.num_docs * self.length
 
+    def _query_start(self) -> int:
+        return self.length - 1 - 2 * self._args[3]  # index of the first repeated key
+
     def doc(self, i: int) -> np.ndarray:
         n_docs, s, l, p, nk, nv, nf, seed = self._args
         rng = np.random.default_rng([seed, i])
@@ -81,11 +85,15 @@ class AssociativeRecallCorpus:
         keys = self.key_base + rng.choice(nk, size=p, replace=False)
         values = self.value_base + rng.choice(nv, size=p, replace=False)
         toks[0 : 2 * p : 2], toks[1 : 2 * p : 2] = keys, values
-        j = rng.integers(p)
-        toks[-3], toks[-2], toks[-1] = self.QUERY, keys[j], values[j]
+        order = rng.permutation(p)
+        q = self._query_start()
+        toks[q - 1] = self.QUERY
+        toks[q : q + 2 * p : 2], toks[q + 1 : q + 2 * p : 2] = keys[order], values[order]
         return toks.astype(np.int32)
 
     def doc_loss_mask(self, i: int) -> np.ndarray:
+        """1 at the targets that are recalled values (the input at those positions is a repeated key)."""
         mask = np.zeros(self.length - 1, np.float32)
-        mask[-1] = 1.0  # the target of the query key is the value
+        q = self._query_start()
+        mask[q : q + 2 * self._args[3] : 2] = 1.0
         return mask

@@ -163,7 +163,9 @@ class SampleBatcher:
         self._pos[slot] = [epoch, idx + 1]
         return int(np.random.default_rng([self.seed, slot, epoch]).permutation(self.corpus.num_docs)[idx])
 
-    def next(self) -> dict[str, np.ndarray]:
+    def next(self, n_segments: int | None = None) -> dict[str, np.ndarray]:
+        if n_segments not in (None, self.n_segments):
+            raise UserError("data.vary_n_segments is not supported with data.source=babilong")
         B, S, L = len(self.slots), self.n_segments, self.segment_len
         shape = (B, S * L)
         out = {"tokens": np.full(shape, self.corpus.pad_id, np.int32),
@@ -182,7 +184,8 @@ class SampleBatcher:
         batch["reset"][:, 0] = True
         return batch
 
-    __next__ = next
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.next()
 
     def __iter__(self):
         return self

@@ -15,8 +15,13 @@ weights,
     M_j = G_j W0 + H_j S0 + sum_i C_ji k_i^T e_i,   S_b = e S0 + sum_i CS_i k_i^T e_i,
 so the chunk is matmuls (the paper's Theta B (W0 X - X) X^T form):
     Y = G (Q W0) + H (Q S0) + (C o Q K^T) E,   W' = g W0 + h S0 + K^T (CW E),   S' = e S0 + K^T (CS E).
-Deep memory (depth >= 2): vmap(grad) at the chunk-start weights gives u_j; the scans run on the weight
-pytrees (b copies per chunk) and y_j = M_j(q_j) uses each token's weights.
+(G, H, C are the coefficients of the weights token j reads: M_j if retrieve_after_update, else M_{j-1};
+C is lower-triangular, so causality is exact: later tokens enter with coefficient 0.)
+Deep memory (depth >= 2, bias-free MLP): each layer's per-token gradient is again an outer product
+a_j^T delta_j (layer input x backprop delta at the chunk-start weights, from one jax.grad per chunk), so
+the same coefficients give every token's weights implicitly and the retrieval is matmuls layer by layer
+(`_factored_chunk`). The literal form, vmap(grad) per chunk + both scans on b per-token copies of the
+weights + y_j = M_j(q_j) (`_per_token_sequence`), is kept as path='per_token' for cross-checks.
 
 The loop over chunks is a lax.scan with jax.checkpoint per chunk (activation memory ~ #chunks x |M|).
 No stop_gradient anywhere: the outer loss differentiates through the inner updates.
@@ -117,15 +122,27 @@ def _sum11(x):
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
+def linear_chunk_state(W, S, k, v, CW, CS, g, h, e):
+    """Chunk-end state of linear memory. W, S [d_k, d_v]; k [b, d_k]; v [b, d_v]; CW, CS [b, 1];
+    g, h, e [1, 1]. Returns E [b, d_v] (token gradients are k_j^T E_j), W', S'."""
+    E = 2.0 * (_dot(k, W) - v)
+    W1 = g * W + h * S + _dot(k, CW * E, ta=True)
+    S1 = e * S + _dot(k, CS * E, ta=True)
+    return E, W1, S1
+
+
+def linear_chunk_output(W, S, q, k, E, G, H, C):
+    """Retrievals of one chunk from its chunk-start W, S: Y = G (Q W) + H (Q S) + (C o Q K^T) E.
+    q, k [b, d_k]; E [b, d_v]; G, H [b, 1]; C [b, b] -> y [b, d_v]."""
+    A = _dot(q, k, tb=True)
+    return G * _dot(q, W) + H * _dot(q, S) + _dot(C * A, E)
+
+
 def linear_chunk_forward(W, S, q, k, v, G, H, C, CW, CS, g, h, e):
     """One chunk of linear memory. W, S [d_k, d_v]; q, k [b, d_k]; v [b, d_v]; G, H, CW, CS [b, 1];
     C [b, b]; g, h, e [1, 1]. Returns y [b, d_v], chunk-end W and S."""
-    E = 2.0 * (_dot(k, W) - v)                               # [b, d_v]: grad = k^T E
-    A = _dot(q, k, tb=True)                                  # [b, b]
-    y = G * _dot(q, W) + H * _dot(q, S) + _dot(C * A, E)
-    W1 = g * W + h * S + _dot(k, CW * E, ta=True)
-    S1 = e * S + _dot(k, CS * E, ta=True)
-    return y, W1, S1
+    E, W1, S1 = linear_chunk_state(W, S, k, v, CW, CS, g, h, e)
+    return linear_chunk_output(W, S, q, k, E, G, H, C), W1, S1
 
 
 def linear_chunk_backward(W, S, q, k, v, G, H, C, CW, CS, g, h, e, dy, dW1, dS1):
@@ -177,8 +194,7 @@ def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, r
 
         def body(carry, xs):
             W, S = carry
-            qc, kc, vc, Gc, Hc, Cc, CWc, CSc, gc, hc, ec = xs
-            y, W, S = linear_chunk_forward(W, S, qc, kc, vc, Gc, Hc, Cc, CWc, CSc, gc, hc, ec)
+            y, W, S = linear_chunk_forward(W, S, *xs)
             return (W, S), y
 
         body = jax.checkpoint(body) if remat else body
@@ -190,9 +206,67 @@ def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, r
 
 
 # ------------------------------------------------------------------------------------------ deep memory
-def _deep_sequence(q, k, v, theta, eta, alpha, M0, S0, chunk_size, retrieve_after_update, activation,
-                   remat):
-    """Any depth, one sequence: vmap(grad) per chunk at the chunk-start weights, then both scans."""
+def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation):
+    """One chunk of an L-layer bias-free MLP memory without per-token weights.
+
+    Each layer's per-token gradient at the chunk-start weights is an outer product a_j^T delta_j
+    (a_j: the layer's input for key k_j, delta_j: d loss_j / d pre-activation), taken with jax.grad
+    w.r.t. zero offsets on the pre-activations (one batched backward for the chunk). The weights that
+    token j reads are M_j = G_j M0 + H_j S0 + sum_i C_ji a_i^T delta_i for every layer, so the
+    retrieval is, layer by layer, z = G (x W0) + H (x S0) + (C o x A^T) Delta: attention-like matmuls.
+    Ms, Ss: tuples of [d_in, d_out]; other shapes as linear_chunk_forward.
+    """
+    act = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}[activation]
+    L = len(Ms)
+
+    def keys_loss(offsets):
+        a, inputs = k, []
+        for l, W in enumerate(Ms):
+            inputs.append(a)
+            z = _dot(a, W) + offsets[l]
+            a = act(z) if l + 1 < L else z
+        return jnp.sum((a - v) ** 2), inputs
+
+    zeros = [jnp.zeros((k.shape[0], W.shape[1]), k.dtype) for W in Ms]
+    deltas, inputs = jax.grad(keys_loss, has_aux=True)(zeros)  # no stop_gradient: second order flows
+    x, M1, S1 = q, [], []
+    for l, (W, S, a, dl) in enumerate(zip(Ms, Ss, inputs, deltas)):
+        z = G * _dot(x, W) + H * _dot(x, S) + _dot(C * _dot(x, a, tb=True), dl)
+        x = act(z) if l + 1 < L else z
+        M1.append(g * W + h * S + _dot(a, CW * dl, ta=True))
+        S1.append(e * S + _dot(a, CS * dl, ta=True))
+    return x, tuple(M1), tuple(S1)
+
+
+def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True):
+    """Any depth via _factored_chunk. q, k [B, T, d_k]; v [B, T, d_v]; c = coefficients_batched(...);
+    M0, S0: tuples of [B, d_in, d_out]. Returns y [B, T, d_v], final M, final S (tuples)."""
+    b = chunk_size
+
+    def one(q, k, v, c, M0, S0):
+        nc = q.shape[0] // b
+        split = lambda x: x.reshape((nc, b) + x.shape[1:])
+
+        def body(carry, xs):
+            qc, kc, vc, cc = xs
+            y, M, S = _factored_chunk(*carry, qc, kc, vc, cc["G"], cc["H"], cc["C"], cc["CW"], cc["CS"],
+                                      cc["g"], cc["h"], cc["e"], activation)
+            return (M, S), y
+
+        body = jax.checkpoint(body) if remat else body
+        per_tok = {n: split(c[n]) for n in ("G", "H", "C", "CW", "CS")}
+        xs = (split(q), split(k), split(v), per_tok | {n: c[n] for n in ("g", "h", "e")})
+        (M, S), y = lax.scan(body, (M0, S0), xs)
+        return y.reshape((nc * b,) + y.shape[2:]), M, S
+
+    return jax.vmap(one)(q, k, v, c, M0, S0)
+
+
+def _per_token_sequence(q, k, v, theta, eta, alpha, M0, S0, chunk_size, retrieve_after_update,
+                        activation, remat):
+    """Any depth, one sequence, the literal form: vmap(grad) per chunk at the chunk-start weights,
+    both scans on the weight pytrees (b copies per chunk), y_j = M_j(q_j) with each token's weights.
+    Costs b x |M| memory and elementwise work per chunk; kept as an independent cross-check."""
     b = chunk_size
     nc = q.shape[0] // b
     split = lambda x: x.reshape((nc, b) + x.shape[1:])
@@ -234,24 +308,35 @@ def chunked_memory_xla(
     retrieve_after_update: bool = False,
     activation: str = "silu",
     remat: bool = True,
-    linear_matmul_form: bool = True,
+    path: str = "auto",
 ) -> tuple[jax.Array, Params, Params]:
     """Chunked parallel form. q, k [B, T, d_k]; v [B, T, d_v]; gates [B, T]; params and momentum0 tuples
-    of [B, d_in, d_out]. Returns y [B, T, d_v] (dtype of q), final params, final momentum.
+    of [B, d_in, d_out]. Returns y [B, T, d_v], final params, final momentum (at least float32).
 
-    Computation runs in at least float32. Depth 1 uses the matmul form unless linear_matmul_form=False
-    (then the generic per-token-weights path, kept to cross-check the two).
+    path: 'auto' ('linear' for depth 1, else 'factored'); 'linear' (depth 1: the kernels' matmul form);
+    'factored' (any depth, outer-product gradients, no per-token weights); 'per_token' (any depth,
+    vmap(grad) + scans on per-token weight copies). All compute the same function.
     """
     dt = jnp.promote_types(q.dtype, jnp.float32)
     cast = lambda x: x.astype(dt)
     q, k, v, theta, eta, alpha = map(cast, (q, k, v, theta, eta, alpha))
     params = tuple(map(cast, init_params))
     momentum = tuple(map(cast, momentum0))
-    if len(params) == 1 and linear_matmul_form:
-        c = coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
+    if path == "auto":
+        path = "linear" if len(params) == 1 else "factored"
+    if path == "per_token":
+        fn = lambda *a: _per_token_sequence(*a, chunk_size, retrieve_after_update, activation, remat)
+        y, M, S = jax.vmap(fn)(q, k, v, theta, eta, alpha, params, momentum)
+        return y, tuple(M), tuple(S)
+    c = coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
+    if path == "linear":
+        if len(params) != 1:
+            raise ValueError(f"path='linear' needs depth 1, got {len(params)}")
         y, W, S = linear_core(q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"],
                               params[0], momentum[0], chunk_size=chunk_size, remat=remat)
         return y, (W,), (S,)
-    fn = lambda *a: _deep_sequence(*a, chunk_size, retrieve_after_update, activation, remat)
-    y, M, S = jax.vmap(fn)(q, k, v, theta, eta, alpha, params, momentum)
+    if path != "factored":
+        raise ValueError(f"unknown path {path!r}")
+    y, M, S = factored_core(q, k, v, c, params, momentum, chunk_size=chunk_size, activation=activation,
+                            remat=remat)
     return y, tuple(M), tuple(S)

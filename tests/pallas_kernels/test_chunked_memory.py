@@ -1,0 +1,276 @@
+"""Titans chunked memory (pallas_kernels/chunked_memory): chunked form, Pallas kernels, api.
+
+Every fast path is compared with the token loop of reference.py, which is itself checked against a
+NumPy float64 loop over the paper's equations (arXiv 2501.00663 eq. 12-15, §3.2 chunking).
+Tolerances come from float32 round-off on O(1) values over T <= 32 tokens (~40 eps of 1.2e-7).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memlm.errors import UserError
+from pallas_kernels.chunked_memory import api, bench, reference, tpu, triton, xla
+
+pytestmark = pytest.mark.kernels
+
+B, T, D = 2, 32, 8
+F32_TOL = 5e-6   # max |diff| relative to max(1, max |ref|): ~40 float32 eps; observed <= 6e-7
+F64_TOL = 1e-12
+
+
+def make(depth=1, T=T, d=D, batch=B, seed=0, edge_gates=False, dtype=jnp.float32):
+    """Unit-norm q, k; gates in [0, 1] (theta <= 0.3); optional exact 0/1 gates; random momentum."""
+    r = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q, k = unit(r.normal(size=(batch, T, d))), unit(r.normal(size=(batch, T, d)))
+    v = r.normal(size=(batch, T, d))
+    theta = 0.3 * r.uniform(size=(batch, T))
+    eta = r.uniform(size=(batch, T))
+    alpha = 0.2 * r.uniform(size=(batch, T))
+    if edge_gates:  # gates at the ends of [0, 1] must not produce nan/inf (no divisions by products)
+        eta[:, 5], alpha[:, 9], alpha[:, 3], eta[:, 12] = 0.0, 1.0, 0.0, 1.0
+    params = tuple(r.normal(size=(batch, d, d)) / np.sqrt(d) for _ in range(depth))
+    mom = tuple(0.1 * r.normal(size=(batch, d, d)) for _ in range(depth))
+    c = lambda x: jnp.asarray(x, dtype)
+    return (c(q), c(k), c(v), c(theta), c(eta), c(alpha), tuple(map(c, params)), tuple(map(c, mom)))
+
+
+def assert_close(got, want, tol=F32_TOL, what=""):
+    for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape, (what, i, g.shape, w.shape)
+        assert np.all(np.isfinite(g)), (what, i)
+        err, scale = np.max(np.abs(g - w)), max(1.0, np.max(np.abs(w)))
+        assert err <= tol * scale, f"{what} leaf {i}: max|diff|={err:.3g} > {tol:.1e} * {scale:.3g}"
+
+
+@functools.cache
+def _jitted(fn, **kw):
+    """One jit per (function, static options): eager dispatch of the scans would dominate run time."""
+    return jax.jit(functools.partial(fn, **kw))
+
+
+def ref(args, b, after, act="silu"):
+    f = _jitted(reference.chunked_memory_reference, chunk_size=b, retrieve_after_update=after,
+                activation=act)
+    return f(*args)
+
+
+def run_xla(args, b, after, act="silu", **kw):
+    return _jitted(xla.chunked_memory_xla, chunk_size=b, retrieve_after_update=after, activation=act,
+                   **kw)(*args)
+
+
+def outer_loss(fn, seed=1):
+    """Scalar with random cotangents on y and both final states: exercises every output."""
+    def loss(*args):
+        y, M, S = fn(*args)
+        r = np.random.default_rng(seed)
+        out = jnp.sum(y * jnp.asarray(r.normal(size=y.shape), y.dtype))
+        for x in M + S:
+            out = out + jnp.sum(x * jnp.asarray(r.normal(size=x.shape), x.dtype))
+        return out
+    return loss
+
+
+ALL_ARGS = tuple(range(8))
+
+
+@functools.cache
+def ref_grad(b, after):
+    """Jitted gradient of the reference (second order through jax.grad), shared between tests."""
+    return jax.jit(jax.grad(outer_loss(lambda *a: ref(a, b, after)), ALL_ARGS))
+
+
+# ------------------------------------------------------------------------------ the spec vs the paper
+def numpy_linear_loop(q, k, v, theta, eta, alpha, W0, S0, b, after):
+    """Paper equations for linear memory in float64 NumPy: grad ||kW - v||^2 = 2 k^T (kW - v)."""
+    q, k, v, theta, eta, alpha, W, S = (np.asarray(x, np.float64) for x in
+                                        (q, k, v, theta, eta, alpha, W0, S0))
+    ys = np.zeros(v.shape)
+    for n in range(q.shape[0]):
+        M, Sn, Mstart = W[n].copy(), S[n].copy(), None
+        for t in range(q.shape[1]):
+            if t % b == 0:
+                Mstart = M.copy()
+            u = 2.0 * np.outer(k[n, t], k[n, t] @ Mstart - v[n, t])
+            Sn = eta[n, t] * Sn - theta[n, t] * u
+            M_new = (1.0 - alpha[n, t]) * M + Sn
+            ys[n, t] = q[n, t] @ (M_new if after else M)
+            M = M_new
+        W[n], S[n] = M, Sn
+    return ys, W, S
+
+
+@pytest.mark.parametrize("b,after", [(1, False), (4, True), (8, False)])
+def test_reference_matches_numpy_paper_loop(b, after):
+    args = make(edge_gates=True)
+    y, M, S = ref(args, b, after)
+    y64, W64, S64 = numpy_linear_loop(*args[:6], args[6][0], args[7][0], b, after)
+    assert_close((y, M[0], S[0]), (y64, W64, S64), what="reference vs numpy")
+
+
+# ----------------------------------------------------------------------------------- chunked form
+@pytest.mark.parametrize("depth,after", [(1, False), (2, True)])
+def test_chunk_size_1_equals_sequential(depth, after):
+    args = make(depth)
+    assert_close(run_xla(args, 1, after), ref(args, 1, after), what="chunk 1")
+
+
+@pytest.mark.parametrize("depth,b,after,act", [(1, 8, True, "silu"), (2, 8, False, "silu"),
+                                               (2, 4, True, "gelu")])
+def test_chunked_equals_direct_chunked_loop(depth, b, after, act):
+    args = make(depth, edge_gates=True)
+    want = ref(args, b, after, act)
+    # every path of the chunked form: depth 1 matmul form (kernel math), outer-product factored form,
+    # literal per-token weights (vmap(grad) + scans on weight copies)
+    for path in (["linear"] if depth == 1 else []) + ["factored", "per_token"]:
+        assert_close(run_xla(args, b, after, act, path=path), want, what=path)
+    # and the chunk semantics matter: gradients at chunk-start weights differ from per-token ones
+    assert np.max(np.abs(np.asarray(want[0] - ref(args, 1, after, act)[0]))) > 1e-3
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_float64_chunked_equals_loop(depth):
+    with jax.enable_x64(True):
+        args = make(depth, edge_gates=True, dtype=jnp.float64)
+        got = run_xla(args, 8, False)
+        assert got[0].dtype == jnp.float64
+        assert_close(got, ref(args, 8, False), tol=F64_TOL, what="float64")
+
+
+@pytest.mark.parametrize("depth,b,after", [(1, 8, False), (2, 4, True)])
+def test_outer_gradients_match_reference(depth, b, after):
+    args = make(depth, T=16, edge_gates=True)
+    kw = dict(chunk_size=b, retrieve_after_update=after)
+    g_ref = ref_grad(b, after)(*args)
+    g_xla = jax.jit(jax.grad(outer_loss(lambda *a: xla.chunked_memory_xla(*a, **kw)), ALL_ARGS))(*args)
+    assert_close(g_xla, g_ref, what="grad")
+    # gradients reach the gates and M_0 through the inner updates (not cut by stop_gradient)
+    for g in (g_xla[3], g_xla[4], g_xla[5], g_xla[6][0]):
+        assert float(jnp.max(jnp.abs(g))) > 1e-3
+
+
+@pytest.mark.parametrize("depth,after", [(1, False), (1, True), (2, False)])
+def test_causality(depth, after):
+    args = make(depth)
+    t = 13  # inside the second chunk of 8
+    f = jax.jit(lambda *a: xla.chunked_memory_xla(*a, chunk_size=8, retrieve_after_update=after)[0])
+    y = f(*args)
+    r = np.random.default_rng(7)
+    bumped = [x.at[:, t + 1:].add(jnp.asarray(r.uniform(0.1, 0.5, x[:, t + 1:].shape), x.dtype))
+              for x in args[:6]]
+    y2 = f(*bumped, args[6], args[7])
+    np.testing.assert_array_equal(np.asarray(y2[:, :t + 1]), np.asarray(y[:, :t + 1]))
+    assert np.max(np.abs(np.asarray(y2[:, t + 1:] - y[:, t + 1:]))) > 1e-3
+    if not after:  # reading M_{t-1}: y_t does not see token t's own key, value or gates
+        own = [x.at[:, t].add(0.3) for x in args[1:6]]
+        y3 = f(args[0], *own, args[6], args[7])
+        np.testing.assert_array_equal(np.asarray(y3[:, :t + 1]), np.asarray(y[:, :t + 1]))
+
+
+@pytest.mark.parametrize("depth,impl", [(2, "xla"), (1, "triton")])
+def test_streaming_two_halves_equal_one_pass(depth, impl):
+    args = make(depth)
+    f = _jitted(api.chunked_memory, chunk_size=8, retrieve_after_update=True, implementation=impl,
+                interpret=True)
+    y, M, S = f(*args)
+    h = T // 2
+    first = [x[:, :h] for x in args[:6]]
+    second = [x[:, h:] for x in args[:6]]
+    y1, M1, S1 = f(*first, args[6], args[7])
+    y2, M2, S2 = f(*second, M1, S1)
+    assert_close((jnp.concatenate([y1, y2], axis=1), M2, S2), (y, M, S), what="streaming")
+
+
+# ------------------------------------------------------------------------------------ Pallas kernels
+KERNELS = {
+    "triton": lambda *a, **kw: triton.chunked_memory_triton(*a, interpret=True, **kw),
+    "mosaic": lambda *a, **kw: tpu.chunked_memory_mosaic(*a, interpret=True, **kw),
+}
+
+
+@pytest.mark.parametrize("impl,after", [("triton", False), ("mosaic", True)])
+def test_pallas_interpret_forward_and_backward(impl, after):
+    args = make(1, T=16, edge_gates=True)
+    kw = dict(chunk_size=8, retrieve_after_update=after)
+    fn = lambda *a: KERNELS[impl](*a, **kw)
+    assert_close(jax.jit(fn)(*args), ref(args, 8, after), what=f"{impl} forward")
+    g_ref = ref_grad(8, after)(*args)
+    g_ker = jax.jit(jax.grad(outer_loss(fn), ALL_ARGS))(*args)
+    assert_close(g_ker, g_ref, what=f"{impl} backward")
+
+
+def test_mosaic_tpu_simulator_forward():
+    from jax.experimental.pallas import tpu as pltpu
+    args = make(1, T=16, batch=1)
+    got = jax.jit(lambda *a: tpu.chunked_memory_mosaic(*a, chunk_size=8, interpret=pltpu.InterpretParams()))(*args)
+    assert_close(got, ref(args, 8, False), what="mosaic InterpretParams")
+
+
+@pytest.mark.parametrize("impl,platform,call", [("triton", "cuda", "__gpu$xla.gpu.triton"),
+                                                ("mosaic", "tpu", "tpu_custom_call")])
+def test_kernels_lower_for_accelerators(impl, platform, call):
+    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    Bl, Tl, d = 2, 64, 16
+    args = (sd(Bl, Tl, d), sd(Bl, Tl, d), sd(Bl, Tl, d), sd(Bl, Tl), sd(Bl, Tl), sd(Bl, Tl),
+            (sd(Bl, d, d),), (sd(Bl, d, d),))
+    fn = triton.chunked_memory_triton if impl == "triton" else tpu.chunked_memory_mosaic
+    f = lambda *a: fn(*a, chunk_size=16)
+    fwd = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert fwd.count(call) == 1
+    both = jax.jit(jax.grad(outer_loss(f), ALL_ARGS)).trace(*args).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert both.count(call) == 2  # forward kernel + Pallas backward kernel
+
+
+# ----------------------------------------------------------------------------------------------- api
+def test_api_dispatch_and_fallback(caplog):
+    args = make(2)
+    want = ref(args, 8, False)
+    assert_close(_jitted(api.chunked_memory, chunk_size=8)(*args), want, what="api default")  # cpu: xla
+    with caplog.at_level(logging.INFO, logger=api.__name__):
+        got = _jitted(api.chunked_memory, chunk_size=8, implementation="triton", interpret=True)(*args)
+    assert_close(got, want, what="fallback")
+    lines = [r for r in caplog.records if "falling back to xla" in r.getMessage()]
+    assert len(lines) == 1 and "depth 2" in lines[0].getMessage()
+    caplog.clear()
+    lin = make(1)
+    with caplog.at_level(logging.INFO, logger=api.__name__):
+        got = _jitted(api.chunked_memory, chunk_size=8, implementation="mosaic")(*lin[:6], lin[6])  # no TPU
+    assert len([r for r in caplog.records if "falling back" in r.getMessage()]) == 1
+    assert_close(got, ref(lin[:7] + (tuple(jnp.zeros_like(p) for p in lin[6]),), 8, False), what="mom0")
+    got = _jitted(api.chunked_memory, chunk_size=4, implementation="reference")(*lin)
+    assert_close(got, ref(lin, 4, False))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(chunk_size=5), "chunk_size"),
+    (dict(implementation="cuda"), "implementation"),
+    (dict(activation="relu"), "activation"),
+    (dict(theta_shape=(B, T - 1)), "theta"),
+    (dict(param_shape=(B, D + 1, D)), r"init_params\[0\]"),
+])
+def test_user_errors(change, match):
+    q, k, v, th, et, al, params, mom = make(1)
+    if "theta_shape" in change:
+        th = jnp.zeros(change.pop("theta_shape"))
+    if "param_shape" in change:
+        params = (jnp.zeros(change.pop("param_shape")),)
+        mom = None
+    kw = dict(chunk_size=8) | change
+    with pytest.raises(UserError, match=match):
+        api.chunked_memory(q, k, v, th, et, al, params, mom, **kw)
+
+
+def test_bench_runs_and_agrees():
+    res = bench.run(T=32, d=8, batch=2, chunk_size=8, depth=1, repeats=1)
+    assert res["sequential_s"] > 0 and res["chunked_s"] > 0
+    assert res["max_abs_diff_y"] <= F32_TOL * max(1.0, res["max_abs_y"])
+    assert res["max_abs_diff_state"] <= F32_TOL * max(1.0, res["max_abs_state"])
