@@ -110,17 +110,28 @@ def cmd_compile(args) -> int:
 
 
 # ---- parser ------------------------------------------------------------------------------------------------
+def _config_keys_epilog() -> str:
+    from memlm.config import config_field_help
+
+    rows = [f"  {key} ({typ}, default {default!r})" for key, typ, default in config_field_help()]
+    return "config keys (YAML or key.path=value overrides):\n" + "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memlm", description="Long-context memory transformers in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train (or resume) a model from a YAML config",
+    epilog = _config_keys_epilog()
+    raw = argparse.RawDescriptionHelpFormatter
+    t = sub.add_parser("train", help="train (or resume) a model from a YAML config", epilog=epilog,
+                       formatter_class=raw,
                        description="Train a model. Resumes automatically from the latest checkpoint in run.dir.")
     t.add_argument("config", help="YAML config file (may use `base:` inheritance)")
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compile", help="AOT-compile the train step for the configured mesh on fake CPU devices",
+                       epilog=epilog, formatter_class=raw,
                        description="Lower and compile the train step without real hardware; print the parameter "
                                    "count and per-device memory from compiled.memory_analysis().")
     c.add_argument("config", help="YAML config file")
@@ -140,21 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     lm.set_defaults(func=cmd_eval_lm)
     _add_optional_eval(esub)
 
-    try:
-        from memlm.data.cli import add_data_commands
+    from memlm.data.cli import add_data_commands
 
-        add_data_commands(sub)
-    except ImportError:  # pragma: no cover
-        pass
+    add_data_commands(sub)
+    try:
+        from memlm.export_cli import add_export_import_commands
+    except ModuleNotFoundError as e:  # pragma: no cover  (the export module is optional while it is built)
+        if e.name != "memlm.export_cli":
+            raise
+    else:
+        add_export_import_commands(sub)
     return p
 
 
 def _add_optional_eval(esub) -> None:
     """BABILong / PG-19 evaluation commands (memlm.eval.commands)."""
-    try:
-        from memlm.eval.commands import add_eval_commands
-    except ImportError:
-        return
+    from memlm.eval.commands import add_eval_commands
+
     add_eval_commands(esub)
 
 

@@ -441,11 +441,17 @@ def config_field_help() -> list[tuple[str, str, Any]]:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
+            sub = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, f"{prefix}{name}.")
+            elif sub:  # an optional memory section: listed with its own defaults
+                walk(sub[0], f"{prefix}{name}.")
             else:
                 default = field.default_factory() if field.default_factory else field.default
-                rows.append((f"{prefix}{name}", getattr(ann, "__name__", str(ann)), default))
+                typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+                if typ == "Literal":
+                    typ = " | ".join(repr(a) for a in ann.__args__)
+                rows.append((f"{prefix}{name}", typ, default))
 
     walk(Config, "")
     return rows
