@@ -1,0 +1,29 @@
+"""Answer accuracy on the associative-recall task (memlm.data.synthetic.AssociativeRecallCorpus)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def recall_accuracy(lm, n_docs: int = 256, split_seed: int = 1, batch: int = 32) -> dict:
+    """Greedy answer accuracy of a loaded model (memlm.load) on held-out recall documents.
+
+    Uses the run's own data settings (segments, pairs); documents come from `split_seed` (training uses 0).
+    Returns {"accuracy", "first_answer_accuracy", "n_answers", "chance"}.
+    """
+    from memlm.data.synthetic import AssociativeRecallCorpus
+
+    d = lm.config.data
+    corpus = AssociativeRecallCorpus(n_docs, d.n_segments, d.segment_len, num_pairs=d.recall_pairs, seed=split_seed)
+    correct, first, total = 0, 0, 0
+    for start in range(0, n_docs, batch):
+        ids = range(start, min(start + batch, n_docs))
+        docs = np.stack([corpus.doc(i) for i in ids])
+        masks = np.stack([corpus.doc_loss_mask(i) for i in ids]) > 0
+        pred = lm.logits(docs[:, :-1]).argmax(-1)
+        hit = (pred == docs[:, 1:]) & masks
+        correct += int(hit.sum())
+        total += int(masks.sum())
+        first += int(hit[np.arange(len(ids)), masks.argmax(1)].sum())
+    return {"accuracy": correct / total, "first_answer_accuracy": first / n_docs, "n_answers": total,
+            "chance": 1.0 / 16}
