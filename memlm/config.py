@@ -111,6 +111,10 @@ class TitansConfig(_Strict):
     max_lr: float = Field(0.1, gt=0, description="bound on the inner learning rate theta")
     conv_kernel: int = Field(4, ge=1, description="depthwise conv width after the q/k/v projections")
     memory_layers: list[int] | None = Field(None, description="layers with memory (None = all)")
+    implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
+        "auto", description="chunked-memory kernel (auto: Pallas on GPU/TPU where supported, else XLA; "
+        "reference: the token loop, for tests)"
+    )
 
 
 class LandmarkConfig(_Strict):

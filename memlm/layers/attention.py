@@ -66,30 +66,35 @@ def causal_mask(q_pos: jax.Array, kv_pos: jax.Array, q_doc=None, kv_doc=None) ->
     return m[:, None]
 
 
-def _linear(din: int, dout: int, names: tuple[str, str], cfg, rngs: nnx.Rngs, std: float) -> nnx.Linear:
+def _linear(din: int, dout: int, names: tuple[str, str], cfg, rngs: nnx.Rngs, std: float,
+            bias: bool = False) -> nnx.Linear:
+    """x W (+ b). The bias (GPT-2 backbone only) starts at zero and is split like the output dim."""
     return nnx.Linear(
         din,
         dout,
-        use_bias=False,
+        use_bias=bias,
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), names),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]),
         rngs=rngs,
     )
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query self-attention with RoPE (Llama)."""
+    """Multi-head / grouped-query self-attention with RoPE (Llama), or with biases and no RoPE (GPT-2, whose
+    positions are learned embeddings added at the input; Radford et al. 2019)."""
 
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h, kvh, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd
         std = cfg.init_std
-        self.wq = _linear(d, h * hd, ("embed", "heads"), cfg, rngs, std)
-        self.wk = _linear(d, kvh * hd, ("embed", "kv_heads"), cfg, rngs, std)
-        self.wv = _linear(d, kvh * hd, ("embed", "kv_heads"), cfg, rngs, std)
+        bias = cfg.arch == "gpt2"
+        self.wq = _linear(d, h * hd, ("embed", "heads"), cfg, rngs, std, bias)
+        self.wk = _linear(d, kvh * hd, ("embed", "kv_heads"), cfg, rngs, std, bias)
+        self.wv = _linear(d, kvh * hd, ("embed", "kv_heads"), cfg, rngs, std, bias)
         # scaled init of the residual output projection (GPT-2 / Llama practice)
-        self.wo = _linear(h * hd, d, ("heads", "embed"), cfg, rngs, std / (2 * cfg.n_layers) ** 0.5)
+        self.wo = _linear(h * hd, d, ("heads", "embed"), cfg, rngs, std / (2 * cfg.n_layers) ** 0.5, bias)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
         """x: [batch, seq, d_model]; positions: [batch, seq] (RoPE); mask: [batch, 1, seq, seq]."""
@@ -98,8 +103,9 @@ class Attention(nnx.Module):
         q = self.wq(x).reshape(b, t, cfg.n_heads, cfg.hd)
         k = self.wk(x).reshape(b, t, cfg.kv_heads, cfg.hd)
         v = self.wv(x).reshape(b, t, cfg.kv_heads, cfg.hd)
-        q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        if cfg.arch == "llama":
+            q = apply_rope(q, positions, cfg.rope_theta)
+            k = apply_rope(k, positions, cfg.rope_theta)
         q = constrain(q, ("batch", "act_seq", "act_heads", None))
         out = attend(q, k, v, mask, cfg.attention_impl)
         return self.wo(out.reshape(b, t, cfg.n_heads * cfg.hd))

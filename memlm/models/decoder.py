@@ -1,5 +1,8 @@
 """Llama-style decoder backbone: RMSNorm, RoPE, SwiGLU, grouped-query attention, scanned layers, remat.
 
+`model.arch=gpt2` swaps in the GPT-2 pieces (LayerNorm with bias, tanh-GELU MLP, attention biases, no RoPE,
+learned absolute position embeddings added to the backbone input) so GPT-2 checkpoints can be imported.
+
 The decoder is split into `embed` -> `backbone` -> `head` so memory mechanisms can splice memory tokens or
 embeddings between the steps (RMT, HMT) and read the final hidden states (the new memory). Parameters are
 float32; compute runs in `model.dtype` (bfloat16 by default); logits and losses are float32.
@@ -13,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memlm.layers.attention import Attention, _linear
-from memlm.layers.mlp import SwiGLU, rms_norm
+from memlm.layers.mlp import make_mlp, make_norm
 from memlm.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -26,10 +29,10 @@ class Block(nnx.Module):
     """Pre-norm transformer block: h = x + Attn(norm(x)); out = h + FFN(norm(h))."""
 
     def __init__(self, cfg, rngs: nnx.Rngs):
-        self.attn_norm = rms_norm(cfg, rngs)
+        self.attn_norm = make_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = rms_norm(cfg, rngs)
-        self.mlp = SwiGLU(cfg, rngs)
+        self.mlp_norm = make_norm(cfg, rngs)
+        self.mlp = make_mlp(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), positions, mask)
@@ -62,7 +65,11 @@ def run_stacked_blocks(blocks: nnx.Module, x: jax.Array, remat: str, *args) -> j
 
 
 class Decoder(nnx.Module):
-    """Token embedding -> n_layers scanned blocks -> final RMSNorm -> LM head (optionally tied)."""
+    """Token embedding -> n_layers scanned blocks -> final RMSNorm -> LM head (optionally tied).
+
+    arch=gpt2 adds `pos_embedding` [max_seq_len, d_model] (GPT-2's wpe), added to every backbone input
+    (memory tokens included, as when a GPT-2 gets `inputs_embeds`); positions past the table use its last row.
+    """
 
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -72,9 +79,15 @@ class Decoder(nnx.Module):
             sharding=("vocab", "embed"),
         )
         self.blocks = make_stacked_blocks(cfg, rngs, cfg.n_layers)
-        self.final_norm = rms_norm(cfg, rngs)
+        self.final_norm = make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.d_model, cfg.padded_vocab, ("embed", "vocab"), cfg, rngs, cfg.init_std)
+        if cfg.arch == "gpt2":
+            self.pos_embedding = nnx.Param(
+                nnx.initializers.normal(1.0)(rngs.params(), (cfg.max_seq_len, cfg.d_model),
+                                             jnp.dtype(cfg.param_dtype)) * cfg.init_std,
+                sharding=(None, "embed"),
+            )
 
     @property
     def compute_dtype(self):
@@ -92,6 +105,10 @@ class Decoder(nnx.Module):
 
         Returns the final-normed hidden states [batch, seq, d_model].
         """
+        if self.cfg.arch == "gpt2":  # learned absolute positions (GPT-2's wpe)
+            table = constrain(self.pos_embedding[...], (None, "act_embed"))
+            x = x.astype(self.compute_dtype) + jnp.take(table, positions, axis=0, mode="clip").astype(
+                self.compute_dtype)
         h = run_stacked_blocks(self.blocks, x.astype(self.compute_dtype), self.cfg.remat, positions, mask)
         return self.final_norm(h)
 

@@ -63,7 +63,11 @@ class BaselineLM(nnx.Module):
             doc = jnp.repeat(doc, l, axis=1)
             idx = jnp.broadcast_to(jnp.arange(s * l), (b, s * l))
             flat = lambda x: x.reshape((b, s * l) + x.shape[3:])
-            logits = self.decoder(flat(tokens), flat(positions), causal_mask(idx, idx, doc, doc))
+            # A document continuing from the previous step restarts at 0: the baseline has no memory of it,
+            # and learned position tables (gpt2) stay within max_seq_len. (RoPE is relative: no change.)
+            pos = flat(positions)
+            pos = jnp.where(doc == doc[:, :1], pos - pos[:, :1], pos)
+            logits = self.decoder(flat(tokens), pos, causal_mask(idx, idx, doc, doc))
         loss_sum, n = token_loss(logits, flat(batch["targets"]), flat(batch["loss_mask"]))
         return loss_sum, n, carry, {}
 

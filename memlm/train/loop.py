@@ -186,7 +186,8 @@ def train(cfg) -> dict:
                                                       setup.abstract_carry)
         position = _load_data_state(run_dir, start, data.get("data_position", {}))
         try:
-            batcher.restore(position)
+            if not position.get("fresh"):  # `memlm import` writes a fresh position: start the data anew
+                batcher.restore(position)
         except (ValueError, KeyError) as e:
             raise UserError(f"{run_dir}: checkpoint {start} data position does not fit this data ({e})") from None
         log.info("resumed from step %d", start)
