@@ -1,3 +1,5 @@
-"""Memory mechanisms, one file each; importing this package registers their `model.kind`s."""
+"""Memory mechanisms, one file each (math in each module's docstring).
 
-from memlm.memory import rmt  # noqa: F401
+Each module registers its `model.kind` with memlm.models.lm.register_model when imported; build_model imports
+only the module of the configured kind (memlm.models.lm.MEMORY_MODULES).
+"""

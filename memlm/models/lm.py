@@ -87,10 +87,17 @@ def register_model(kind: str, cls: Callable) -> None:
     MODEL_REGISTRY[kind] = cls
 
 
-def build_model(cfg, rngs: nnx.Rngs) -> nnx.Module:
-    """Instantiate `model.kind`. Memory kinds register themselves on import of memlm.memory."""
-    import memlm.memory  # noqa: F401  (registers the memory kinds)
+# model.kind -> the module under memlm/memory/ that registers it (imported only when that kind is used)
+MEMORY_MODULES = {"rmt": "rmt", "hmt": "hmt", "lm2": "lm2", "titans": "titans", "landmark": "landmark",
+                  "memory_layers": "pkm"}
 
+
+def build_model(cfg, rngs: nnx.Rngs) -> nnx.Module:
+    """Instantiate `model.kind`; a memory kind's module registers it when first imported."""
+    if cfg.kind not in MODEL_REGISTRY and cfg.kind in MEMORY_MODULES:
+        import importlib
+
+        importlib.import_module(f"memlm.memory.{MEMORY_MODULES[cfg.kind]}")
     if cfg.kind not in MODEL_REGISTRY:
         from memlm.errors import UserError
 
