@@ -158,6 +158,10 @@ class MemoryLayersConfig(_Strict):
     implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
         "auto", description="lookup kernel when unsharded (auto: Pallas on GPU/TPU, XLA on CPU)"
     )
+    chunk_len: int = Field(
+        0, ge=0, description="sequence positions per lookup chunk (lax.map over chunks bounds the XLA bag's "
+        "[tokens, heads*top_k, v_dim] temporaries); 0 = the whole sequence at once"
+    )
 
 
 MEMORY_SECTIONS = {"rmt": "rmt", "hmt": "hmt", "lm2": "lm2", "titans": "titans", "landmark": "landmark",
