@@ -1,0 +1,279 @@
+"""Landmark Attention (Mohtashami & Jaggi 2023, arXiv 2305.16300): blocks summarised by landmark tokens.
+
+Layout (Sec. 3.1). The model, not the data, inserts a landmark after every block of b = landmark.block_size
+regular tokens: the landmark's input is a learned embedding `landmark` [d_model] (no vocabulary id is taken).
+A sequence of T regular tokens becomes T / b blocks of L = b + 1 positions, the landmark last in each block.
+
+Training forward (stateless within a step, like the baseline): the whole [n_segments * segment_len] sequence
+of a batch row goes through the backbone at once, every attention layer being the grouped softmax of
+pallas_kernels/landmark_attention (Eq. 3; `model.attention_impl=xla` picks the Pallas kernel where it can and
+the blockwise XLA one otherwise, e.g. on CPU; `reference` the dense spec). For a query in block n:
+own block causally + the landmarks of blocks c < n in one softmax; a regular key of block c gets
+p(landmark_c) * softmax_within_c. RoPE positions are the step-local index of the inserted sequence
+(relative, so identical scores to document positions, and bounded by the training length).
+Documents start at segment boundaries (hence block boundaries). When a row holds two documents, attention is
+cut at the boundary by appending one-hot document features to q and k: q' = [q * scale, -BIG (1 - onehot(doc_q))],
+k' = [k, onehot(doc_k)], so same-document scores are unchanged *exactly* (the added terms are exact zeros) and
+cross-document scores drop by BIG = 2^15 (exp underflows to 0, in the landmark and the within-block softmax
+alike). That branch (head_dim + n_segments) runs only for batches with a document start inside the step
+(lax.cond), so the common case keeps the native head_dim the Pallas kernels want.
+
+Loss. Regular positions predict the next regular token, as in the baseline. `include_landmark_in_loss=true`
+also scores each landmark output against the target of the last regular token of its block, i.e. the next
+regular token after the landmark (its loss_mask entry too); it adds n_blocks tokens to the count.
+The default (false) matches the paper's flash path.
+
+Retrieval inference (Sec. 3.2-3.3, the official `mem_cache.py`; pallas_kernels/landmark_attention/retrieval.py):
+`segment_logits(carry, tokens [B, segment_len], positions)` streams one segment (= the paper's chunk; the
+paper uses mid_length 250). Each layer keeps a cache of the last `cache_blocks` complete blocks, keys stored
+BEFORE RoPE, values, landmark key = the block's last key. Queries score the cached landmark keys, take the
+top-k blocks per (token, head) (`retrieval_mode`: per_token_and_head | max_over_heads | max_over_tokens),
+and attend over [retrieved blocks ; current chunk] with the grouped softmax, RoPE applied after retrieval at
+the paper's stingy positions: the k most recent cache entries keep slots 1..k, older ones share slot 0,
+the chunk starts at (k + 1) L. Every position is < (k + 1) L + segment_len (b+1)/b, whatever the context.
+max_over_tokens picks one block set per (chunk, head) from the max over the chunk's queries, as the paper's
+code does, so a token's retrieved blocks depend on later tokens of its chunk (and, in LoadedModel.generate,
+on the right-padding of the open chunk): only per_token_and_head and max_over_heads are causal.
+The incomplete-block buffer of the paper is always empty here: segment_len is a multiple of b and
+LoadedModel commits only full segments (a partial segment is re-run, right-padded, and its carry dropped).
+
+Cache = a FIFO of the last cache_blocks blocks kept in chronological order, valid entries right-aligned
+(num_blocks counts them): the layout retrieval.py takes. Appending is a concat-and-slice; LoadedModel does
+not donate the carry, so the output buffer is a copy whatever the layout, and a ring buffer would add a
+roll on every read. Memory is constant in the context length: 2 n_layers B kv_heads cache_blocks L hd.
+
+Carry. Training is stateless, so `init_carry` is only {"num_blocks": zeros [batch]} (an empty cache: the
+train loop, checkpoints and `memlm eval lm`, which runs `loss` at training shapes, carry just that). The first
+`segment_logits` call allocates the K/V arrays; later calls carry {"num_blocks", "k", "v"} with
+k, v: [n_layers, batch, kv_heads, cache_blocks, L, head_dim] (one extra jit trace for the first segment).
+
+offload_kv (the paper keeps the full KV on the CPU and only landmark keys on the GPU) is NOT implemented:
+retrieval gathers blocks by data-dependent indices inside the one jitted segment_logits call, so host-resident
+blocks cannot be read there; the config rejects offload_kv=true with a "not implemented" error.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memlm.errors import UserError
+from memlm.layers.rope import apply_rope, rope_frequencies
+from memlm.models.decoder import _REMAT_POLICIES, Decoder
+from memlm.models.lm import register_model, token_loss
+from memlm.sharding import constrain
+from pallas_kernels.landmark_attention import landmark_attention, retrieval_attention
+
+DOC_BIG = 2.0**15  # score penalty across documents: exp(-2^15) underflows to exactly 0 in float32
+
+
+def rope_any(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """RoPE (rotate-half, as memlm.layers.rope.apply_rope) for any layout: x [..., D], positions broadcast to
+    x.shape[:-1]. The `rope_fn` handed to retrieval.py, which rotates keys after retrieval."""
+    hd = x.shape[-1]
+    pos = jnp.broadcast_to(positions, x.shape[:-1]).astype(jnp.float32)
+    ang = pos[..., None] * rope_frequencies(hd, theta)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : hd // 2], xf[..., hd // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attended_tokens(block_size: int, top_k: int, segment_len: int, context: int, cache_blocks: int) -> dict:
+    """Keys one query touches per layer at the end of a `context`-token stream (Sec. 3.3 cost model):
+    every cached landmark is scored, top_k blocks of b+1 keys are attended, plus the chunk so far (at most
+    segment_len (b+1)/b keys). Full attention touches `context` keys."""
+    L = block_size + 1
+    cached = min(max(context - segment_len, 0) // block_size, cache_blocks)
+    local = segment_len // block_size * L
+    return {"landmarks_scored": cached, "retrieved": min(top_k, cached) * L, "local_max": local,
+            "total_max": cached + min(top_k, cached) * L + local, "full_attention": context}
+
+
+class Landmark(nnx.Module):
+    """The Llama decoder with landmark tokens and grouped-softmax attention (module docstring)."""
+
+    stateless = False
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        if getattr(cfg, "arch", "llama") != "llama":
+            raise UserError(f"model.arch: landmark attention needs the llama backbone (RoPE, for the position "
+                            f"remapping at retrieval), got {cfg.arch!r}")
+        self.cfg = cfg
+        self.b = cfg.landmark.block_size
+        self.decoder = Decoder(cfg, rngs)
+        self.landmark = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.d_model,), jnp.dtype(cfg.param_dtype)) * cfg.init_std,
+            sharding=("embed",),
+        )
+
+    # ---- carry protocol ------------------------------------------------------------------------------------
+    def init_carry(self, batch: int) -> dict:
+        """An empty block cache: {"num_blocks": int32 [batch] zeros}; K/V arrays are allocated on first use."""
+        return {"num_blocks": jnp.zeros((batch,), jnp.int32)}
+
+    def carry_axes(self) -> dict:
+        return {"num_blocks": ("batch",)}
+
+    def _empty_cache(self, batch: int) -> dict:
+        c = self.cfg
+        shape = (c.n_layers, batch, c.kv_heads, c.landmark.cache_blocks, self.b + 1, c.hd)
+        z = jnp.zeros(shape, self.decoder.compute_dtype)
+        return {"num_blocks": jnp.zeros((batch,), jnp.int32), "k": z, "v": z}
+
+    # ---- layout --------------------------------------------------------------------------------------------
+    def insert_landmarks(self, x: jax.Array) -> jax.Array:
+        """[B, T, d] regular embeddings -> [B, T/b * (b+1), d] with the landmark embedding after each block."""
+        B, T, d = x.shape
+        n = T // self.b
+        lm = jnp.broadcast_to(self.landmark[...].astype(x.dtype), (B, n, 1, d))
+        return jnp.concatenate([x.reshape(B, n, self.b, d), lm], axis=2).reshape(B, n * (self.b + 1), d)
+
+    def split_landmarks(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, n (b+1), d] -> (regular [B, n b, d], landmark [B, n, d])."""
+        B, Ti, d = h.shape
+        n = Ti // (self.b + 1)
+        hb = h.reshape(B, n, self.b + 1, d)
+        return hb[:, :, : self.b].reshape(B, n * self.b, d), hb[:, :, self.b]
+
+    def _qkv(self, attn, x: jax.Array):
+        """x [B, T, d] -> q [B, H, T, hd], k, v [B, kv_heads, T, hd] (before RoPE)."""
+        c = self.cfg
+        B, T, _ = x.shape
+        q = attn.wq(x).reshape(B, T, c.n_heads, c.hd)
+        k = attn.wk(x).reshape(B, T, c.kv_heads, c.hd)
+        v = attn.wv(x).reshape(B, T, c.kv_heads, c.hd)
+        q = constrain(q, ("batch", "act_seq", "act_heads", None))
+        return q, k, v
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        """[B, kv_heads, ...] -> [B, n_heads, ...] (grouped-query heads share their kv head)."""
+        rep = self.cfg.n_heads // self.cfg.kv_heads
+        return x if rep == 1 else jnp.repeat(x, rep, axis=1)
+
+    def _scan_layers(self, fn, h: jax.Array, xs=None, remat: bool = False):
+        """lax.scan of fn(block, h, x_l) -> (h, y_l) over the stacked decoder blocks (and per-layer xs)."""
+        graphdef, stacked = nnx.split(self.decoder.blocks)
+
+        def body(h, inp):
+            layer_state, x = inp
+            return fn(nnx.merge(graphdef, layer_state), h, x)
+
+        if remat and self.cfg.remat in _REMAT_POLICIES:
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        return jax.lax.scan(body, h, (stacked, xs))
+
+    # ---- training forward ----------------------------------------------------------------------------------
+    def _grouped(self, q, k, v, docs):
+        """Grouped-softmax attention over [B, H, T, hd]. docs: None (one document per row) or
+        (doc [B, T] int in [0, n_docs), mixed: bool scalar, n_docs): mixed is True when some row holds more
+        than one document, and only then the one-hot document features are appended."""
+        impl = "reference" if self.cfg.attention_impl == "reference" else None
+        L = self.b + 1
+        plain = lambda: landmark_attention(q, k, v, block_size=L, implementation=impl)
+        if docs is None:
+            return plain()
+        doc, mixed, n_docs = docs
+        hd = q.shape[-1]
+
+        def masked():
+            oh = jax.nn.one_hot(doc, n_docs, dtype=q.dtype)[:, None]  # [B, 1, T, n_docs]
+            shape = q.shape[:3] + (n_docs,)
+            qa = jnp.concatenate([(q * hd**-0.5).astype(q.dtype), jnp.broadcast_to(-DOC_BIG * (1 - oh), shape)], -1)
+            ka = jnp.concatenate([k, jnp.broadcast_to(oh, shape)], -1)
+            va = jnp.concatenate([v, jnp.zeros(shape, v.dtype)], -1)
+            return landmark_attention(qa, ka, va, block_size=L, implementation=impl, scale=1.0)[..., :hd]
+
+        return jax.lax.cond(mixed, masked, plain)
+
+    def _train_layer(self, block, h, pos, docs):
+        c = self.cfg
+        B, T, _ = h.shape
+        q, k, v = self._qkv(block.attn, block.attn_norm(h))
+        q = apply_rope(q, pos, c.rope_theta).transpose(0, 2, 1, 3)
+        k = self._heads(apply_rope(k, pos, c.rope_theta).transpose(0, 2, 1, 3))
+        v = self._heads(v.transpose(0, 2, 1, 3))
+        out = self._grouped(q, k, v, docs).transpose(0, 2, 1, 3).reshape(B, T, c.n_heads * c.hd)
+        h = h + block.attn.wo(out)
+        h = h + block.mlp(block.mlp_norm(h))
+        return constrain(h, ("batch", "act_seq", "act_embed"))
+
+    def forward(self, tokens: jax.Array, reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Training forward. tokens [B, S, Ls] (or [B, T] = one segment), reset bool [B, S] (document starts).
+
+        Returns final-normed hidden states (regular [B, S*Ls, d], landmark [B, S*Ls/b, d]).
+        """
+        if tokens.ndim == 2:
+            tokens = tokens[:, None]
+        B, S, Ls = tokens.shape
+        if Ls % self.b:
+            raise UserError(f"model.landmark.block_size ({self.b}) does not divide the segment length {Ls}")
+        n = S * Ls // self.b
+        Ti = n * (self.b + 1)
+        x = self.insert_landmarks(self.decoder.embed(tokens.reshape(B, S * Ls)))
+        pos = jnp.broadcast_to(jnp.arange(Ti), (B, Ti))  # step-local: relative RoPE, bounded positions
+        docs = None
+        if S > 1 and reset is not None:
+            seg_doc = jnp.cumsum(reset.astype(jnp.int32), axis=1)
+            seg_doc = seg_doc - seg_doc[:, :1]  # 0..S-1 within the row
+            docs = (jnp.repeat(seg_doc, Ls // self.b * (self.b + 1), axis=1), jnp.any(reset[:, 1:]), S)
+        h, _ = self._scan_layers(lambda blk, h, _: (self._train_layer(blk, h, pos, docs), None),
+                                 x.astype(self.decoder.compute_dtype), remat=True)
+        return self.split_landmarks(self.decoder.final_norm(h))
+
+    def loss(self, carry, batch, bptt_depth: int = -1):
+        tokens = batch["tokens"]
+        B, S, Ls = tokens.shape
+        reg, lm = self.forward(tokens, batch["reset"])
+        targets = batch["targets"].reshape(B, S * Ls)
+        mask = batch["loss_mask"].reshape(B, S * Ls)
+        loss_sum, n = token_loss(self.decoder.head(reg), targets, mask)
+        if self.cfg.landmark.include_landmark_in_loss:
+            # a landmark predicts the next regular token: the target of its block's last regular token
+            last = lambda a: a.reshape(B, -1, self.b)[:, :, -1]
+            l2, n2 = token_loss(self.decoder.head(lm), last(targets), last(mask))
+            loss_sum, n = loss_sum + l2, n + n2
+        aux = {"landmark_norm": jnp.linalg.norm(self.landmark[...].astype(jnp.float32))}
+        return loss_sum, n, carry, aux
+
+    # ---- retrieval inference -------------------------------------------------------------------------------
+    def _stream_layer(self, block, h, kv, num_blocks):
+        c, lc = self.cfg, self.cfg.landmark
+        B, T, _ = h.shape
+        ck, cv = kv
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in self._qkv(block.attn, block.attn_norm(h)))
+        out = retrieval_attention(
+            q, self._heads(k), self._heads(v), self._heads(ck), self._heads(cv), top_k=lc.top_k,
+            mode=lc.retrieval_mode, rope_fn=partial(rope_any, theta=c.rope_theta), num_valid=num_blocks,
+        )
+        h = h + block.attn.wo(out.transpose(0, 2, 1, 3).reshape(B, T, c.n_heads * c.hd))
+        h = h + block.mlp(block.mlp_norm(h))
+        # append this chunk's complete blocks (pre-RoPE keys) to the FIFO, dropping the oldest
+        nb = ck.shape[2]
+        blocks = lambda x: x.reshape(B, c.kv_heads, T // (self.b + 1), self.b + 1, c.hd).astype(ck.dtype)
+        new_k = jnp.concatenate([ck, blocks(k)], axis=2)[:, :, -nb:]
+        new_v = jnp.concatenate([cv, blocks(v)], axis=2)[:, :, -nb:]
+        return h, (new_k, new_v)
+
+    def segment_logits(self, carry, tokens, positions=None, reset=None):
+        """One chunk with retrieval: tokens [B, Ls] (Ls a multiple of b) -> (float32 logits [B, Ls, V], carry).
+
+        `positions` is not needed: retrieval uses the bounded stingy positions (module docstring).
+        """
+        B, Ls = tokens.shape
+        if Ls % self.b:
+            raise UserError(f"model.landmark.block_size ({self.b}) does not divide the chunk length {Ls}")
+        cache = carry if "k" in carry else self._empty_cache(B)
+        nv = cache["num_blocks"]
+        x = self.insert_landmarks(self.decoder.embed(tokens)).astype(self.decoder.compute_dtype)
+        h, (k, v) = self._scan_layers(lambda blk, h, kv: self._stream_layer(blk, h, kv, nv), x,
+                                      (cache["k"], cache["v"]))
+        reg, _ = self.split_landmarks(self.decoder.final_norm(h))
+        nv = jnp.minimum(nv + Ls // self.b, self.cfg.landmark.cache_blocks)
+        return self.decoder.head(reg), {"num_blocks": nv, "k": k, "v": v}
+
+
+register_model("landmark", Landmark)
