@@ -97,7 +97,12 @@ def build_model(cfg, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.kind not in MODEL_REGISTRY and cfg.kind in MEMORY_MODULES:
         import importlib
 
-        importlib.import_module(f"memlm.memory.{MEMORY_MODULES[cfg.kind]}")
+        name = f"memlm.memory.{MEMORY_MODULES[cfg.kind]}"
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
     if cfg.kind not in MODEL_REGISTRY:
         from memlm.errors import UserError
 
