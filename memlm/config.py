@@ -104,12 +104,20 @@ class TitansConfig(_Strict):
     memory_expansion: int = Field(2, ge=1, description="hidden width of deep memory = expansion * head dim")
     memory_heads: int = Field(1, ge=1)
     chunk_size: int = Field(16, ge=1, description="tokens per parallel chunk of the memory update")
-    gates: Literal["per_token", "per_chunk"] = "per_token"
+    gates: Literal["per_token", "per_chunk"] = Field(
+        "per_token", description="theta/eta/alpha per token, or per chunk (those of the chunk's first token: causal)")
     num_persistent: int = Field(4, ge=0, description="N_p learned persistent memory tokens")
-    num_longterm: int = Field(0, ge=0, description="MAC: retrieved long-term tokens (0 = one per segment token)")
+    num_longterm: int = Field(0, ge=0, description="MAC: 0 = one retrieved token per segment token (the paper); "
+                              "N > 0 = N learned queries retrieved from the memory, visible to the whole segment")
     window: int = Field(64, ge=1, description="MAG/MAL sliding-window attention size")
-    max_lr: float = Field(0.1, gt=0, description="bound on the inner learning rate theta")
+    max_lr: float = Field(0.1, gt=0, description="bound on the inner learning rate theta (theta = max_lr * "
+                          "sigmoid). Stability: inside a chunk all gradients use the chunk-start weights, so for "
+                          "similar keys a chunk moves M by ~theta*chunk_size/(1-eta) gradients; keep that below ~1 "
+                          "(e.g. 0.02 for chunk 16, 0.1 for chunk 4)")
     conv_kernel: int = Field(4, ge=1, description="depthwise conv width after the q/k/v projections")
+    normalize_values: bool = Field(
+        False, description="l2-normalise v like q and k (NOT in the paper): bounds the inner targets and so the "
+        "deep memory's weights and curvature, which keeps the inner gradient steps stable")
     memory_layers: list[int] | None = Field(None, description="layers with memory (None = all)")
     implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
         "auto", description="chunked-memory kernel (auto: Pallas on GPU/TPU where supported, else XLA; "

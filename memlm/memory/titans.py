@@ -1,0 +1,248 @@
+"""Titans: learning to memorize at test time (Behrouz et al. 2025, arXiv 2501.00663), `model.kind: titans`.
+
+`model.titans.variant`: mac (memory as a context, §4.1), mag (memory as a gate, §4.2), mal (memory as a
+layer, §4.3). The layers are in memlm/memory/titans_layers.py; this file holds the model: carry, segment
+loop, streaming. Every layer listed in `titans.memory_layers` (default: all) owns a neural memory; the
+others are the same layer without it.
+
+Carry (per sequence, leading dim = batch; reinstated from init_carry at document starts):
+    mem_w   {"w0", ...}: memory weights, float32 [B, n_mem_layers, H, d_in, d_out]; M_0 is learned (a
+            parameter broadcast over the batch), so the outer loss reaches it through every segment
+    mem_s   momentum S ("surprise"), same shapes, zero at a document start
+    conv    depthwise-conv tails of the q/k/v streams, [B, n_mem_layers, K-1, d] (K = titans.conv_kernel)
+    kv_k, kv_v, seen   (MAG, MAL) pre-RoPE keys/values of the last W-1 tokens [B, n_layers, W-1, kvh, hd]
+            and how many of them belong to the current document [B] (W = titans.window)
+so streaming segment by segment equals one pass over the whole sequence.
+
+Causality, the three variants (tested: logits of token t never change when tokens > t change):
+  * MAC is segment-recurrent (models/segments.py::run_segments): h = M*_{t-1}(q) uses the memory at the
+    segment start; inside the segment token j attends to h_{<=j} and tokens <= j only; the update uses the
+    attention outputs y, and the output gate of token j reads M_j = memory written with y_1..y_j (the
+    kernel's retrieve_after_update=True at token granularity: within a chunk the gradients are taken at the
+    chunk-start weights, but the weights token j reads only contain tokens <= j).
+  * MAG / MAL: token t reads M_{t-1}, the memory written with tokens < t (retrieve_after_update=False).
+    At chunk granularity the per-token gradients inside a chunk use the chunk-start weights (§3.2), and
+    token t's weights contain only the chunk's tokens before t: finer than reading the chunk-start memory
+    and still causal. The sliding window sees the W-1 previous tokens (carried across segments) and itself.
+Positions: RoPE with segment-local positions (relative, so equal to absolute ones up to rounding); the batch
+`positions` are not used, so any stream length works.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memlm.errors import UserError
+from memlm.memory.titans_layers import AttnContext, TitansBlock
+from memlm.models.decoder import _REMAT_POLICIES, Decoder, make_stacked_blocks
+from memlm.models.lm import register_model, token_loss
+from memlm.models.segments import run_segments, segment_major
+
+CONV_STREAMS = {"mac": ("qx", "qy", "ky", "vy"), "mag": ("q", "k", "v"), "mal": ("q", "k", "v")}
+
+
+def _check(cfg) -> list[int]:
+    """UserErrors for settings Config cannot see; returns the sorted memory layers."""
+    tc = cfg.titans
+    if cfg.arch != "llama":
+        raise UserError(f"model.arch: titans is built on the llama backbone, got {cfg.arch!r}")
+    if cfg.d_model % tc.memory_heads:
+        raise UserError(f"model.titans.memory_heads ({tc.memory_heads}) does not divide model.d_model "
+                        f"({cfg.d_model})")
+    layers = list(range(cfg.n_layers)) if tc.memory_layers is None else sorted(set(tc.memory_layers))
+    bad = [i for i in layers if not 0 <= i < cfg.n_layers]
+    if bad:
+        raise UserError(f"model.titans.memory_layers {bad} out of range for model.n_layers={cfg.n_layers}")
+    if tc.memory_layers is not None and len(layers) != len(tc.memory_layers):
+        raise UserError(f"model.titans.memory_layers {tc.memory_layers} lists a layer twice")
+    return layers
+
+
+class TitansDecoder(Decoder):
+    """The baseline Decoder's embedding / final norm / head; `blocks` = the memory layers (stacked), and
+    `plain_blocks` = the layers without memory when titans.memory_layers is a strict subset."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs, mem_layers: list[int]):
+        super().__init__(cfg, rngs)
+        n_mem = len(mem_layers)
+        self.blocks = None
+        if n_mem:
+            self.blocks = make_stacked_blocks(cfg, rngs, n_mem, functools.partial(TitansBlock, memory=True))
+        if n_mem < cfg.n_layers:
+            self.plain_blocks = make_stacked_blocks(cfg, rngs, cfg.n_layers - n_mem,
+                                                    functools.partial(TitansBlock, memory=False))
+
+
+class Titans(nnx.Module):
+    stateless = False
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.mem_layers = _check(cfg)
+        self.decoder = TitansDecoder(cfg, rngs, self.mem_layers)
+        # runs of consecutive layers of one kind: (is_memory, global [g0, g1), stack [s0, s1))
+        runs, counts = [], [0, 0]
+        for i in range(cfg.n_layers):
+            is_mem = i in self.mem_layers
+            if runs and runs[-1][0] == is_mem:
+                runs[-1][2] += 1
+                runs[-1][4] += 1
+            else:
+                k = counts[is_mem]
+                runs.append([is_mem, i, i + 1, k, k + 1])
+            counts[is_mem] += 1
+        self.runs = [tuple(r) for r in runs]
+
+    # ---- sizes -------------------------------------------------------------------------------------------
+    @property
+    def n_tail(self) -> int:
+        """Carried KV-tail length: W-1 for MAG / MAL, 0 for MAC (segment-local attention)."""
+        return 0 if self.cfg.titans.variant == "mac" else self.cfg.titans.window - 1
+
+    def _conv_streams(self) -> tuple[str, ...]:
+        tc = self.cfg.titans
+        if tc.conv_kernel == 1:
+            return ()
+        streams = CONV_STREAMS[tc.variant]
+        return streams[1:] if tc.variant == "mac" and tc.num_longterm else streams
+
+    # ---- carry protocol ----------------------------------------------------------------------------------
+    def init_carry(self, batch: int) -> dict:
+        cfg, tc = self.cfg, self.cfg.titans
+        cdt = jnp.dtype(cfg.dtype)
+        carry = {}
+        if self.n_tail:
+            shape = (batch, cfg.n_layers, self.n_tail, cfg.kv_heads, cfg.hd)
+            carry.update(kv_k=jnp.zeros(shape, cdt), kv_v=jnp.zeros(shape, cdt), seen=jnp.zeros((batch,), jnp.int32))
+        if self.mem_layers:
+            m0 = self.decoder.blocks.memory.m0()  # stacked: [n_mem, H, d_in, d_out]
+            w = {f"w{i}": jnp.broadcast_to(m.astype(jnp.float32), (batch,) + m.shape) for i, m in enumerate(m0)}
+            carry["mem_w"] = w
+            carry["mem_s"] = {k: jnp.zeros(v.shape, jnp.float32) for k, v in w.items()}
+            n_mem, K = len(self.mem_layers), tc.conv_kernel
+            carry["conv"] = {s: jnp.zeros((batch, n_mem, K - 1, cfg.d_model), cdt) for s in self._conv_streams()}
+        return carry
+
+    def carry_axes(self) -> dict:
+        axes = {}
+        if self.n_tail:
+            kv = ("batch", "layers", "act_seq", None, None)
+            axes.update(kv_k=kv, kv_v=kv, seen=("batch",))
+        if self.mem_layers:
+            mem = ("batch", "layers", "titans_mem", None, None)
+            n = self.cfg.titans.memory_depth
+            axes["mem_w"] = {f"w{i}": mem for i in range(n)}
+            axes["mem_s"] = {f"w{i}": mem for i in range(n)}
+            axes["conv"] = {s: ("batch", "layers", None, "act_embed") for s in self._conv_streams()}
+        return axes
+
+    # ---- attention layouts -------------------------------------------------------------------------------
+    def _contexts(self, carry: dict, b: int, L: int) -> dict:
+        tc = self.cfg.titans
+        bc = lambda x: jnp.broadcast_to(x, (b,) + x.shape[-1:]) if x.ndim == 1 else x
+        j = jnp.arange(L)
+        if tc.variant == "mac":
+            causal = j[None, :] <= j[:, None]
+            ctx = {"attn": AttnContext(bc(j), bc(j), jnp.broadcast_to(causal, (b, 1, L, L)))}
+            n_h = tc.num_longterm or L
+            h_vis = jnp.ones((L, n_h), bool) if tc.num_longterm else causal
+            mask = jnp.concatenate([h_vis, causal], axis=1)
+            kv_pos = jnp.concatenate([jnp.arange(n_h), n_h + j])
+            ctx["mac_mem"] = AttnContext(bc(n_h + j), bc(kv_pos), jnp.broadcast_to(mask, (b, 1, L, n_h + L)))
+            return ctx
+        n = self.n_tail
+        qi, s = n + j, jnp.arange(n + L)
+        band = (s[None, :] <= qi[:, None]) & (s[None, :] > qi[:, None] - tc.window)            # [L, n+L]
+        valid = s[None, :] >= n - (carry["seen"][:, None] if n else 0)                          # [B, n+L]
+        mask = (band[None] & valid[:, None, :])[:, None]
+        return {"attn": AttnContext(bc(qi), bc(s), mask)}
+
+    # ---- layers ------------------------------------------------------------------------------------------
+    def _scan(self, blocks, s0: int, s1: int, n_stack: int, x, ctx, lc):
+        graphdef, stacked = nnx.split(blocks)
+        if (s0, s1) != (0, n_stack):
+            stacked = jax.tree.map(lambda a: a[s0:s1], stacked)
+
+        def body(h, xs):
+            st, c = xs
+            h, c, stats = nnx.merge(graphdef, st)(h, ctx, c)
+            return h, (c, stats)
+
+        if self.cfg.remat in _REMAT_POLICIES:
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        return jax.lax.scan(body, x, (stacked, lc))
+
+    def _layers(self, x, carry: dict, ctx: dict):
+        """All layers in order; returns (h, new carry, stats). Carry slices are moved to layer-major."""
+        cfg = self.cfg
+        lm = lambda a: jnp.swapaxes(a, 0, 1)
+        kv_out, mem_out, stats = [], [], []
+        n_mem = len(self.mem_layers)
+        for is_mem, g0, g1, s0, s1 in self.runs:
+            lc = {}
+            if self.n_tail:
+                lc["kv"] = (lm(carry["kv_k"][:, g0:g1]), lm(carry["kv_v"][:, g0:g1]))
+            if is_mem:
+                sl = lambda d, a=s0, b=s1: {k: lm(v[:, a:b]) for k, v in d.items()}
+                ws, ss = sl(carry["mem_w"]), sl(carry["mem_s"])
+                lc["mem"] = {"w": tuple(ws[f"w{i}"] for i in range(len(ws))),
+                             "s": tuple(ss[f"w{i}"] for i in range(len(ss))), "conv": sl(carry["conv"])}
+                blocks, n_stack = self.decoder.blocks, n_mem
+            else:
+                blocks, n_stack = self.decoder.plain_blocks, cfg.n_layers - n_mem
+            x, (lc, st) = self._scan(blocks, s0, s1, n_stack, x, ctx, lc)
+            if self.n_tail:
+                kv_out.append(lc["kv"])
+            if is_mem:
+                mem_out.append(lc["mem"])
+                stats.append(st)
+        new = {}
+        cat = lambda xs, dt: lm(jnp.concatenate(xs, axis=0)).astype(dt)
+        if self.n_tail:
+            cdt = carry["kv_k"].dtype
+            new["kv_k"] = cat([k for k, _ in kv_out], cdt)
+            new["kv_v"] = cat([v for _, v in kv_out], cdt)
+            new["seen"] = jnp.minimum(carry["seen"] + x.shape[1], self.n_tail)
+        if mem_out:
+            depth = len(mem_out[0]["w"])
+            new["mem_w"] = {f"w{i}": cat([m["w"][i] for m in mem_out], jnp.float32) for i in range(depth)}
+            new["mem_s"] = {f"w{i}": cat([m["s"][i] for m in mem_out], jnp.float32) for i in range(depth)}
+            new["conv"] = {k: cat([m["conv"][k] for m in mem_out], v.dtype) for k, v in carry["conv"].items()}
+        stats = {k: jnp.mean(jnp.concatenate([s[k] for s in stats])) for k in stats[0]} if stats else {}
+        return x, new, stats
+
+    # ---- one segment -------------------------------------------------------------------------------------
+    def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict, dict]:
+        """tokens [B, L] (L a multiple of titans.chunk_size) -> (logits f32 [B, L, vocab], new carry, stats)."""
+        b, L = tokens.shape
+        if L % self.cfg.titans.chunk_size:
+            raise UserError(f"model.titans.chunk_size ({self.cfg.titans.chunk_size}) does not divide the "
+                            f"segment length ({L})")
+        dec = self.decoder
+        h, carry, stats = self._layers(dec.embed(tokens), carry, self._contexts(carry, b, L))
+        return dec.head(dec.final_norm(h)), carry, stats
+
+    # ---- training / inference ----------------------------------------------------------------------------
+    def loss(self, carry, batch, bptt_depth: int = -1):
+        init = self.init_carry(batch["tokens"].shape[0])
+
+        def seg_fn(c, x):
+            tokens, targets, mask = x
+            logits, c, stats = self.segment(c, tokens)
+            return (token_loss(logits, targets, mask), stats), c
+
+        xs = tuple(segment_major(batch[k]) for k in ("tokens", "targets", "loss_mask"))
+        ((loss_sums, counts), stats), carry = run_segments(
+            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat != "none")
+        return jnp.sum(loss_sums), jnp.sum(counts), carry, jax.tree.map(jnp.mean, stats)
+
+    def segment_logits(self, carry, tokens, positions=None, reset=None):
+        logits, carry, _ = self.segment(carry, tokens)
+        return logits, carry
+
+
+register_model("titans", Titans)

@@ -1,0 +1,292 @@
+"""Titans (MAC / MAG / MAL): the memory module against a float64 loop of the paper's equations, causality,
+memory reach across segments, streaming = full-sequence forward, resets, outer gradients (finite differences
+and the token-loop kernel), config errors through the CLI."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from memlm import sharding
+from memlm.config import from_dict
+from memlm.errors import UserError
+from memlm.memory.titans_layers import NeuralMemory
+from tests.core.cli_utils import run_memlm
+from tests.memory.common import make, make_batch
+
+pytestmark = pytest.mark.unit
+
+SEG, NSEG = 8, 4
+BASE = {"chunk_size": 4, "window": 6, "num_persistent": 2, "memory_heads": 2, "memory_depth": 2}
+
+
+def perturb(tokens, sl):
+    return tokens.at[:, sl].set((tokens[:, sl] + 7) % 250 + 3)
+
+
+class Jitted:
+    """A model with its jitted segment step and loss (one compile per shape, reused by every test)."""
+
+    def __init__(self, variant: str, seg_len: int = SEG, **titans):
+        self.cfg, self.model = make("titans", seg_len=seg_len, n_seg=NSEG,
+                                    titans={**BASE, "variant": variant, **titans})
+        self.gd, self.params = nnx.split(self.model)
+        gd = self.gd
+        self.seg = jax.jit(lambda p, c, t: nnx.merge(gd, p).segment_logits(c, t))
+        self.loss = jax.jit(lambda p, c, b: nnx.merge(gd, p).loss(c, b)[:3])
+        self.init = jax.jit(lambda p, b: nnx.merge(gd, p).init_carry(b), static_argnums=1)
+
+    def stream(self, tokens, seg_len: int = SEG, params=None):
+        """[B, T] tokens fed seg_len at a time with the carry -> (logits [B, T, V], final carry)."""
+        p = self.params if params is None else params
+        carry, out = self.init(p, tokens.shape[0]), []
+        for s in range(0, tokens.shape[1], seg_len):
+            logits, carry = self.seg(p, carry, tokens[:, s : s + seg_len])
+            out.append(logits)
+        return jnp.concatenate(out, axis=1), carry
+
+
+@functools.cache
+def model(variant: str, **kw) -> Jitted:
+    return Jitted(variant, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_memory_module_matches_the_paper_equations(after):
+    """q/k/v = SiLU(conv(x W)), l2 on q, k; theta <= max_lr; eq. 12-15 with depth-2 M, gradients at the
+    chunk-start weights (chunk 2), token t reading M_{t-1} (or M_t), in float64 NumPy."""
+    cfg = from_dict({"model": {"kind": "titans", "d_model": 8, "n_heads": 2, "dtype": "float32",
+                               "titans": {"memory_heads": 2, "memory_depth": 2, "chunk_size": 2, "conv_kernel": 3,
+                                          "max_lr": 0.7}}}).model
+    with sharding.activate(sharding.make_mesh(1, 1, 1, jax.devices()[:1])):
+        mod = NeuralMemory(cfg, nnx.Rngs(3))
+    rng = np.random.default_rng(0)
+    B, T, d, H, dh = 2, 6, 8, 2, 4
+    x = rng.normal(size=(B, T, d))
+    for conv in (mod.conv_q, mod.conv_k, mod.conv_v):  # non-trivial taps
+        conv.weight[...] = jnp.asarray(rng.normal(size=(3, d)), jnp.float32)
+
+    @nnx.jit
+    def run(mod, xj):
+        q, _ = mod.project(xj, "q", jnp.zeros((B, 2, d)), True)
+        k, _ = mod.project(xj, "k", jnp.zeros((B, 2, d)), True)
+        v, _ = mod.project(xj, "v", jnp.zeros((B, 2, d)), False)
+        th, et, al = mod.gate_values(xj)
+        w0 = tuple(jnp.broadcast_to(m, (B,) + m.shape) for m in mod.m0())
+        return th, *mod.write_read(w0, tuple(jnp.zeros_like(w) for w in w0), q, k, v, th, et, al, after)
+
+    th, y, wT, sT = run(mod, jnp.asarray(x, jnp.float32))
+
+    P = lambda a: np.asarray(a, np.float64)
+    Wg, bg = P(mod.gates.kernel[...]), P(mod.gates.bias[...])
+    M0 = [P(m) for m in mod.m0()]
+
+    def proj(lin, conv, norm):
+        z = x @ P(lin.kernel[...])
+        w = P(conv.weight[...])
+        zp = np.concatenate([np.zeros((B, 2, d)), z], 1)
+        z = sum(w[i] * zp[:, 2 - i : 2 - i + T] for i in range(3))
+        z = _silu(z).reshape(B, T, H, dh)
+        return z / np.sqrt((z**2).sum(-1, keepdims=True) + 1e-6) if norm else z
+
+    qn, kn, vn = proj(mod.wq, mod.conv_q, True), proj(mod.wk, mod.conv_k, True), proj(mod.wv, mod.conv_v, False)
+    g = _sigmoid(x @ Wg + bg)
+    theta, eta, alpha = 0.7 * g[..., :H], g[..., H : 2 * H], g[..., 2 * H :]
+    mlp = lambda W, a: _silu(a @ W[0]) @ W[1]
+    for b in range(B):
+        for h in range(H):
+            M, S = [m[h].copy() for m in M0], [np.zeros_like(m[h]) for m in M0]
+            for t in range(T):
+                if t % 2 == 0:
+                    Mc = [m.copy() for m in M]  # chunk-start weights
+                kt, vt = kn[b, t, h], vn[b, t, h]
+                z = kt @ Mc[0]
+                e = 2 * (_silu(z) @ Mc[1] - vt)          # d/dM ||M(k) - v||^2
+                dz = (e @ Mc[1].T) * _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))
+                grads = [np.outer(kt, dz), np.outer(_silu(z), e)]
+                y_before = mlp(M, qn[b, t, h])
+                S = [eta[b, t, h] * s - theta[b, t, h] * gr for s, gr in zip(S, grads)]
+                M = [(1 - alpha[b, t, h]) * m + s for m, s in zip(M, S)]
+                want = mlp(M, qn[b, t, h]) if after else y_before
+                np.testing.assert_allclose(np.asarray(y[b, t, h]), want, rtol=2e-5, atol=2e-6)
+            for got, want in ((wT, M), (sT, S)):
+                for g_, w_ in zip(got, want):
+                    np.testing.assert_allclose(np.asarray(g_[b, h]), w_, rtol=2e-5, atol=2e-6)
+    assert float(jnp.max(th)) <= 0.7
+
+
+# ---------------------------------------------------------------------------------------------- causality
+# MAL runs with per-chunk gates, and the MAC variant with 3 learned long-term queries, per-chunk gates and memory
+# in layer 1 only (layer 0 is the same layer without memory).
+CASES = {"mac": {}, "mag": {}, "mal": {"gates": "per_chunk"},
+         "mac_lt": {"num_longterm": 3, "gates": "per_chunk", "memory_layers": (1,)}}
+
+
+def case(name: str) -> Jitted:
+    return model(name.split("_")[0], **CASES[name])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_causal(name):
+    """Logits at t never depend on tokens > t: inside a memory chunk, at chunk and segment boundaries."""
+    m = case(name)
+    tokens = make_batch(m.cfg)["tokens"].reshape(2, -1)
+    ref, _ = m.stream(tokens)
+    for t in (1, 3, 6, 8, 13, 22):
+        out, _ = m.stream(perturb(tokens, slice(t + 1, None)))
+        np.testing.assert_array_equal(np.asarray(out[:, : t + 1]), np.asarray(ref[:, : t + 1]), err_msg=f"t={t}")
+        assert not np.allclose(np.asarray(out[:, t + 1 :]), np.asarray(ref[:, t + 1 :]))
+
+
+def _without_memory_output(m: Jitted):
+    """The same parameters with every memory output zeroed: W_O = 0 (and for MAC the retrieved tokens' norm
+    scale = 0, so h = 0 whatever the memory holds)."""
+    def zero(kp, x):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in kp]
+        return jnp.zeros_like(x) if "w_out" in names or "h_norm" in names else x
+
+    return jax.tree_util.tree_map_with_path(zero, m.params)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("memory_on", [True, False])
+def test_first_segment_reaches_last_segment_only_through_memory(name, memory_on):
+    """MAC attends within the segment; MAG/MAL windows (6 tokens x 2 layers) cannot span 16 tokens. So
+    segment 3 depends on segment 0 if and only if the memory output is used."""
+    m = case(name)
+    params = m.params if memory_on else _without_memory_output(m)
+    tokens = make_batch(m.cfg)["tokens"].reshape(2, -1)
+    ref, _ = m.stream(tokens, params=params)
+    out, _ = m.stream(perturb(tokens, slice(0, SEG)), params=params)
+    diff = float(jnp.max(jnp.abs(out[:, 3 * SEG :] - ref[:, 3 * SEG :])))
+    assert (diff > 1e-4) if memory_on else (diff == 0.0), diff
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+def test_streaming_equals_training_forward(variant):
+    m = case(variant)
+    batch = make_batch(m.cfg, seed=3)
+    loss_sum, n, carry = m.loss(m.params, m.init(m.params, 2), batch)
+    logits, stream_carry = m.stream(batch["tokens"].reshape(2, -1))
+    ref = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"].reshape(2, -1)).sum()
+    np.testing.assert_allclose(float(loss_sum), float(ref), rtol=2e-6)
+    for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(stream_carry)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_streaming_carry_equals_one_pass_over_the_whole_sequence(variant):
+    """8-token segments with the carried memory, conv tails and KV tail == one 32-token segment."""
+    m = case(variant)
+    tokens = make_batch(m.cfg, seed=5)["tokens"].reshape(2, -1)
+    streamed, c1 = m.stream(tokens)
+    whole, c2 = m.stream(tokens, seg_len=NSEG * SEG)
+    np.testing.assert_allclose(np.asarray(streamed), np.asarray(whole), rtol=1e-4, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+
+
+def test_reset_restores_initial_memory():
+    m = model("mag")
+    batch = make_batch(m.cfg)
+    init = m.init(m.params, 2)
+    junk = jax.tree.map(lambda x: x + 3 if x.dtype != jnp.int32 else x + 2, init)
+    # reset at segment 0 replaces any incoming carry by init_carry (M_0, zero momentum, empty tails)
+    a = m.loss(m.params, init, batch)
+    b = m.loss(m.params, junk, batch)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    # a new document at segment 2: what came before it cannot reach the final carry
+    batch["reset"] = batch["reset"].at[:, 2].set(True)
+    other = dict(batch, tokens=perturb(batch["tokens"], slice(None)).at[:, 2:].set(batch["tokens"][:, 2:]))
+    c1, c2 = m.loss(m.params, init, batch)[2], m.loss(m.params, junk, other)[2]
+    for x, y in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert float(a[0]) != float(m.loss(m.params, init, batch)[0])  # the reset did change the loss
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+MEMORY_PARAMS = {"W_Q": ("memory", "wq"), "W_K": ("memory", "wk"), "W_V": ("memory", "wv"),
+                 "gates": ("memory", "gates"), "M_0": ("memory", "m0_0"), "M_0 (layer 2)": ("memory", "m0_1")}
+
+
+def _block_direction(grads, path):
+    """The gradient restricted to parameters under decoder.blocks.<path> (zero elsewhere), and its norm."""
+    prefix = ["decoder", "blocks", *path]
+
+    def keep(kp, x):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in kp]
+        return x if names[: len(prefix)] == prefix else jnp.zeros_like(x)
+
+    d = jax.tree_util.tree_map_with_path(keep, grads)
+    return d, float(optax.tree.norm(d))
+
+
+def test_outer_gradients_reach_the_memory_and_match_finite_differences():
+    """MAC, loss on the last segment only (so M_0 and the projections act through 3 memory updates): non-zero
+    gradients for W_Q, W_K, W_V, the gate net and both layers of M_0, and each block's directional derivative
+    matches a central difference (a stop_gradient anywhere in the inner update would break that). W_O is
+    scaled up so the memory path is O(1) in the loss and the difference quotient well above f32 round-off."""
+    m = model("mac")
+    batch = make_batch(m.cfg, seed=7)
+    batch["loss_mask"] = jnp.zeros_like(batch["loss_mask"]).at[:, -1].set(1.0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x * 30.0 if "w_out" in str(kp) else x, m.params)
+    init = m.init(params, 2)
+    gd = m.gd
+
+    def mean_loss(p):
+        l, n = nnx.merge(gd, p).loss(nnx.merge(gd, p).init_carry(2), batch)[:2]
+        return l / n
+
+    g = jax.jit(jax.grad(mean_loss))(params)
+    f = lambda p: float(m.loss(p, init, batch)[0]) / float(jnp.sum(batch["loss_mask"]))
+    eps = 1e-2
+    for name, path in MEMORY_PARAMS.items():
+        d, norm = _block_direction(g, path)
+        assert norm > 1e-3, (name, norm)
+        d = jax.tree.map(lambda x, n=norm: x / n, d)
+
+        def fd(e, d=d):
+            return (f(jax.tree.map(lambda x, y: x + e * y, params, d))
+                    - f(jax.tree.map(lambda x, y: x - e * y, params, d))) / (2 * e)
+
+        # Richardson extrapolation of central differences: truncation O(eps^4). f32 round-off of the O(5) loss
+        # (~1e-6 relative) divided by 2 eps is the absolute term of the tolerance.
+        rich = (4 * fd(eps / 2) - fd(eps)) / 3
+        assert abs(rich - norm) <= 2e-3 * norm + 1e-4, (name, rich, norm)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("override,key", [
+    ("model.titans.chunk_size=7", "model.titans.chunk_size"),
+    ("model.titans.memory_depth=0", "model.titans.memory_depth"),
+])
+def test_bad_config_exits_2_with_one_line(override, key, tmp_path):
+    r = run_memlm("train", "configs/tiny/titans_mac.yaml", override, f"run.dir={tmp_path}/run")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("memlm: error:") and key in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("titans,match", [
+    ({"memory_heads": 3, "chunk_size": 4}, "model.titans.memory_heads"),
+    ({"memory_layers": [2], "chunk_size": 4}, "model.titans.memory_layers"),
+    ({"memory_layers": [0, 0], "chunk_size": 4}, "model.titans.memory_layers"),
+])
+def test_model_config_errors(titans, match):
+    with pytest.raises(UserError, match=match):
+        make("titans", titans=titans)
