@@ -322,6 +322,14 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
             raise UserError(f"model.{key}: {getattr(cfg.model, prop)!r} contradicts {path}/config.json "
                             f"({getattr(want, prop)!r}); the imported weights fix it")
     flat = hf_lib.read_backbone(path, cfg.model)
+    from memlm.models.lm import memory_module
+
+    remap = getattr(memory_module(cfg.model.kind), "from_plain_backbone", None)
+    if remap is not None:  # the kind lays the decoder out differently (memory_layers: FFNs become memories)
+        flat, dropped = remap(cfg.model, flat)
+        if dropped:
+            log.info("model.kind=%s replaces %d backbone tensors (e.g. %s); they are not imported",
+                     cfg.model.kind, len(dropped), dropped[0])
     memory_file = os.path.join(path, MEMORY_FILE)
     if saved_kind == cfg.model.kind and os.path.isfile(memory_file):
         section = config_lib.MEMORY_SECTIONS.get(cfg.model.kind)

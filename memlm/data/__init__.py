@@ -1,9 +1,10 @@
 """memlm data layer: tokenizers, corpora (seqio tasks over text directories and a local PG-19 TFDS
-builder), slot-stable segment batching, a mini PG-19 of public-domain books, and `memlm data` commands.
+builder), BABILong as a local TFDS builder + seqio tasks, slot-stable segment batching, a mini PG-19 of
+public-domain books, and `memlm data` commands.
 
 Importing this package, memlm.data.tokenizers or memlm.data.batcher does not import tensorflow; only
-memlm.data.seqio_tasks and memlm.data.local_pg19.local_pg19_dataset_builder do, and corpus.py imports
-them lazily (on a cache miss).
+memlm.data.seqio_tasks, memlm.data.local_pg19.local_pg19_dataset_builder and memlm.data.babilong_tfds do,
+and corpus.py / cli.py import them lazily.
 """
 
 from memlm.data.batcher import SegmentBatcher, eval_batches

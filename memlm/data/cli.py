@@ -1,4 +1,4 @@
-"""`memlm data ...` subcommands: fetch-books, train-tokenizer, stats.
+"""`memlm data ...` subcommands: fetch-books, train-tokenizer, stats, babilong-tfds.
 
 memlm/cli.py calls `add_data_commands(subparsers)`; each command returns an exit code, and UserError
 propagates to memlm/cli.py (exit code 2).
@@ -49,8 +49,25 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _babilong_tfds(args: argparse.Namespace) -> int:
+    import os
+
+    from memlm.errors import UserError
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if args.tasks is not None and not tasks:
+        raise UserError("--tasks: no task given (e.g. qa1,qa2)")
+    from memlm.data.babilong_tfds import BABILONG_TFDS_NAME, prepare_babilong  # imports tensorflow
+
+    counts = prepare_babilong(args.data, args.out, tasks)
+    for task, by_length in counts.items():
+        print(f"{task}: " + "  ".join(f"{length} {n}" for length, n in by_length.items()))
+    print(f"tfds: {os.path.abspath(args.out)} ({BABILONG_TFDS_NAME}/<task>, one split per length)")
+    return 0
+
+
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `memlm data {fetch-books,train-tokenizer,stats}` on the top-level subparsers."""
+    """Register `memlm data {fetch-books,train-tokenizer,stats,babilong-tfds}` on the top-level subparsers."""
     p = subparsers.add_parser(
         "data",
         help="prepare data: fetch public-domain books, train a tokenizer, corpus statistics",
@@ -105,4 +122,21 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     st.add_argument("--cache-dir", metavar="DIR", default=None,
                     help="cache the tokenized split here (default: no cache)")
     st.set_defaults(func=_stats)
+
+    bt = sub.add_parser(
+        "babilong-tfds",
+        help="prepare a local BABILong copy as the TFDS dataset local_babilong (config = task, split = length)",
+        description=(
+            "Read a local BABILong directory (RMT-team/babilong: data/qaN/LEN.json, or "
+            "RMT-team/babilong-1k-samples: LEN/qaN-*.parquet) and write the TFDS dataset local_babilong to "
+            "--out: one config per task, one split per length, features input, question, target, task, "
+            "length, index. Configs already prepared from the same directory are reused. Prints the "
+            "records per task and length."
+        ),
+    )
+    bt.add_argument("--data", required=True, metavar="DIR", help="local BABILong directory")
+    bt.add_argument("--out", required=True, metavar="TFDS_DIR", help="TFDS data directory (created if missing)")
+    bt.add_argument("--tasks", default=None, metavar="qaN,...",
+                    help="comma-separated tasks to prepare (default: every task in DIR)")
+    bt.set_defaults(func=_babilong_tfds)
     return p

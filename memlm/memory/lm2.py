@@ -142,10 +142,7 @@ class LM2Decoder(Decoder):
         lax.scan over the stacked layers with the layer's memory bank as part of the scanned xs.
         """
         graphdef, stacked = nnx.split(self.blocks)
-        x = x.astype(self.compute_dtype)
-        if self.cfg.arch == "gpt2":  # learned absolute positions, as Decoder.backbone
-            table = constrain(self.pos_embedding[...], (None, "act_embed"))
-            x = x + jnp.take(table, positions, axis=0, mode="clip").astype(self.compute_dtype)
+        x = self.add_positions(x, positions)
 
         def body(h, xs):
             layer_state, mem = xs

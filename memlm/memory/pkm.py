@@ -97,6 +97,27 @@ def layer_schedule(n_layers: int, memory: list[int]) -> tuple[np.ndarray, np.nda
     return is_mem, index
 
 
+def from_plain_backbone(cfg, flat: dict) -> tuple[dict, list[str]]:
+    """A plain decoder's flat tensors (an imported HF Llama / GPT-2: `decoder.blocks.{i}.*` for every layer i)
+    -> this model's names. Layer i with memory maps to `decoder.memory_blocks.{j}` (its attention and both
+    norms); its FFN is what the memory replaces, so those tensors are returned as dropped. Other layers map to
+    `decoder.blocks.{j}` (j = index among the plain layers). Non-layer tensors pass through."""
+    is_mem, index = layer_schedule(cfg.n_layers, cfg.memory_layers.layers)
+    out, dropped = {}, []
+    for name, x in flat.items():
+        parts = name.split(".")
+        if parts[:2] != ["decoder", "blocks"] or not parts[2].isdigit():
+            out[name] = x
+            continue
+        i, rest = int(parts[2]), parts[3:]
+        if is_mem[i] and rest[0] == "mlp":
+            dropped.append(name)
+            continue
+        stack = "memory_blocks" if is_mem[i] else "blocks"
+        out[".".join(["decoder", stack, str(index[i]), *rest])] = x
+    return out, dropped
+
+
 # ---- lookup dispatch ---------------------------------------------------------------------------------------
 
 
@@ -252,6 +273,7 @@ class MemoryDecoder(Decoder):
         self.final_norm = make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.d_model, cfg.padded_vocab, ("embed", "vocab"), cfg, rngs, cfg.init_std)
+        self.init_positions(cfg, rngs)
 
     def backbone_stats(self, x, positions, mask, values=None) -> tuple[jax.Array, dict]:
         """x [B, S, d] -> (final-normed h [B, S, d], {"pkm_l{layer}_{stat}": scalar})."""
@@ -276,7 +298,7 @@ class MemoryDecoder(Decoder):
 
         if cfg.remat in _REMAT_POLICIES:
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        h, stats = jax.lax.scan(body, x.astype(self.compute_dtype), (is_mem, index))
+        h, stats = jax.lax.scan(body, self.add_positions(x, positions), (is_mem, index))
         per_layer = {f"pkm_l{i}_{k}": v[i] for k, v in stats.items() for i in self.memory_layer_ids}
         return self.final_norm(h), per_layer
 
@@ -291,8 +313,6 @@ class MemoryLayersLM(nnx.Module):
 
     def __init__(self, cfg, rngs: nnx.Rngs):
         ml = cfg.memory_layers
-        if cfg.arch != "llama":
-            raise UserError(f"model.arch: memory_layers supports the llama backbone, not {cfg.arch!r}")
         if not ml.layers:
             raise UserError("model.memory_layers.layers: empty (name at least one layer to hold a memory)")
         if ml.k_dim % 2:

@@ -82,12 +82,24 @@ class Decoder(nnx.Module):
         self.final_norm = make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.d_model, cfg.padded_vocab, ("embed", "vocab"), cfg, rngs, cfg.init_std)
+        self.init_positions(cfg, rngs)
+
+    def init_positions(self, cfg, rngs: nnx.Rngs) -> None:
+        """arch=gpt2: the learned absolute position table `pos_embedding` [max_seq_len, d_model] (wpe)."""
         if cfg.arch == "gpt2":
             self.pos_embedding = nnx.Param(
                 nnx.initializers.normal(1.0)(rngs.params(), (cfg.max_seq_len, cfg.d_model),
                                              jnp.dtype(cfg.param_dtype)) * cfg.init_std,
                 sharding=(None, "embed"),
             )
+
+    def add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [batch, seq, d_model] (+ wpe[positions] for arch=gpt2; RoPE archs: unchanged), compute dtype."""
+        x = x.astype(self.compute_dtype)
+        if self.cfg.arch == "gpt2":  # learned absolute positions (GPT-2's wpe); past the table: its last row
+            table = constrain(self.pos_embedding[...], (None, "act_embed"))
+            x = x + jnp.take(table, positions, axis=0, mode="clip").astype(self.compute_dtype)
+        return x
 
     @property
     def compute_dtype(self):
@@ -105,11 +117,8 @@ class Decoder(nnx.Module):
 
         Returns the final-normed hidden states [batch, seq, d_model].
         """
-        if self.cfg.arch == "gpt2":  # learned absolute positions (GPT-2's wpe)
-            table = constrain(self.pos_embedding[...], (None, "act_embed"))
-            x = x.astype(self.compute_dtype) + jnp.take(table, positions, axis=0, mode="clip").astype(
-                self.compute_dtype)
-        h = run_stacked_blocks(self.blocks, x.astype(self.compute_dtype), self.cfg.remat, positions, mask)
+        x = self.add_positions(x, positions)
+        h = run_stacked_blocks(self.blocks, x, self.cfg.remat, positions, mask)
         return self.final_norm(h)
 
     def head(self, h: jax.Array) -> jax.Array:

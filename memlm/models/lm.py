@@ -92,17 +92,25 @@ MEMORY_MODULES = {"rmt": "rmt", "hmt": "hmt", "lm2": "lm2", "titans": "titans", 
                   "memory_layers": "pkm"}
 
 
+def memory_module(kind: str):
+    """The module implementing memory kind `kind` (imported on first use), or None (baseline / absent)."""
+    if kind not in MEMORY_MODULES:
+        return None
+    import importlib
+
+    name = f"memlm.memory.{MEMORY_MODULES[kind]}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        return None
+
+
 def build_model(cfg, rngs: nnx.Rngs) -> nnx.Module:
     """Instantiate `model.kind`; a memory kind's module registers it when first imported."""
-    if cfg.kind not in MODEL_REGISTRY and cfg.kind in MEMORY_MODULES:
-        import importlib
-
-        name = f"memlm.memory.{MEMORY_MODULES[cfg.kind]}"
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
+    if cfg.kind not in MODEL_REGISTRY:
+        memory_module(cfg.kind)  # registers the kind
     if cfg.kind not in MODEL_REGISTRY:
         from memlm.errors import UserError
 
