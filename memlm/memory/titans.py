@@ -25,7 +25,9 @@ Causality, the three variants (tested: logits of token t never change when token
     token t's weights contain only the chunk's tokens before t: finer than reading the chunk-start memory
     and still causal. The sliding window sees the W-1 previous tokens (carried across segments) and itself.
 Positions: RoPE with segment-local positions (relative, so equal to absolute ones up to rounding); the batch
-`positions` are not used, so any stream length works.
+`positions` are not used, so any stream length works. arch=gpt2 (an imported GPT-2 backbone): no RoPE; the
+learned table wpe is added to the token embeddings at segment-local positions 0..L-1 (as RMT feeds GPT-2
+segments), so streams are not limited to max_seq_len; LayerNorm with bias and the GELU FFN come with the arch.
 """
 
 from __future__ import annotations
@@ -48,8 +50,6 @@ CONV_STREAMS = {"mac": ("qx", "qy", "ky", "vy"), "mag": ("q", "k", "v"), "mal": 
 def _check(cfg) -> list[int]:
     """UserErrors for settings Config cannot see; returns the sorted memory layers."""
     tc = cfg.titans
-    if cfg.arch != "llama":
-        raise UserError(f"model.arch: titans is built on the llama backbone, got {cfg.arch!r}")
     if cfg.d_model % tc.memory_heads:
         raise UserError(f"model.titans.memory_heads ({tc.memory_heads}) does not divide model.d_model "
                         f"({cfg.d_model})")
@@ -60,6 +60,22 @@ def _check(cfg) -> list[int]:
     if tc.memory_layers is not None and len(layers) != len(tc.memory_layers):
         raise UserError(f"model.titans.memory_layers {tc.memory_layers} lists a layer twice")
     return layers
+
+
+def from_plain_backbone(cfg, flat: dict) -> tuple[dict, list[str]]:
+    """A plain decoder's flat tensors (an imported HF Llama / GPT-2: `decoder.blocks.{i}.*`) -> Titans names:
+    memory layer i -> `decoder.blocks.{j}` (j = its index among the memory layers), the others ->
+    `decoder.plain_blocks.{j}`. Attention, norms and FFN all carry over; nothing is dropped."""
+    mem = set(_check(cfg))
+    index = {i: sum(1 for g in range(i) if (g in mem) == (i in mem)) for i in range(cfg.n_layers)}
+    out = {}
+    for name, x in flat.items():
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "blocks"] and parts[2].isdigit():
+            i = int(parts[2])
+            name = ".".join(["decoder", "blocks" if i in mem else "plain_blocks", str(index[i]), *parts[3:]])
+        out[name] = x
+    return out, []
 
 
 class TitansDecoder(Decoder):
@@ -223,7 +239,8 @@ class Titans(nnx.Module):
             raise UserError(f"model.titans.chunk_size ({self.cfg.titans.chunk_size}) does not divide the "
                             f"segment length ({L})")
         dec = self.decoder
-        h, carry, stats = self._layers(dec.embed(tokens), carry, self._contexts(carry, b, L))
+        x = dec.add_positions(dec.embed(tokens), jnp.broadcast_to(jnp.arange(L), (b, L)))  # wpe: gpt2 only
+        h, carry, stats = self._layers(x, carry, self._contexts(carry, b, L))
         return dec.head(dec.final_norm(h)), carry, stats
 
     # ---- training / inference ----------------------------------------------------------------------------

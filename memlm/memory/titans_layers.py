@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memlm.layers.attention import NEG_INF, Attention, _linear
-from memlm.layers.mlp import make_mlp, rms_norm
+from memlm.layers.mlp import make_mlp, make_norm, rms_norm
 from memlm.layers.rope import apply_rope
 from memlm.sharding import constrain
 from pallas_kernels.chunked_memory import chunked_memory
@@ -213,9 +213,9 @@ class TitansBlock(nnx.Module):
         tc = cfg.titans
         d = cfg.d_model
         self.cfg, self.variant, self.has_memory = cfg, tc.variant, memory
-        self.attn_norm = rms_norm(cfg, rngs)
+        self.attn_norm = make_norm(cfg, rngs)  # the backbone's norms (LayerNorm for gpt2)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = rms_norm(cfg, rngs)
+        self.mlp_norm = make_norm(cfg, rngs)
         self.mlp = make_mlp(cfg, rngs)
         self.n_p, self.n_l = tc.num_persistent, tc.num_longterm
         if self.n_p:
@@ -253,8 +253,11 @@ class TitansBlock(nnx.Module):
             k = jnp.concatenate([tail[0].astype(k.dtype), k], axis=1)
             v = jnp.concatenate([tail[1].astype(v.dtype), v], axis=1)
             new_tail = (k[:, k.shape[1] - n_tail :], v[:, v.shape[1] - n_tail :])
-        qr = apply_rope(q, ctx.q_pos, cfg.rope_theta)
-        kr = apply_rope(k, ctx.kv_pos, cfg.rope_theta)
+        if cfg.arch == "gpt2":  # learned absolute positions were added at the input
+            qr, kr = q, k
+        else:
+            qr = apply_rope(q, ctx.q_pos, cfg.rope_theta)
+            kr = apply_rope(k, ctx.kv_pos, cfg.rope_theta)
         qr = constrain(qr, ("batch", "act_seq", "act_heads", None))
         if self.n_p:
             p = self.persistent[...].astype(xq.dtype)

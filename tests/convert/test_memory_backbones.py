@@ -73,3 +73,30 @@ def test_memory_layers_import_then_train_one_step(tmp_path):
     tuned = run_params(run)
     for name in ("decoder.blocks.0.attn.wq.kernel", "decoder.memory_blocks.0.attn.wq.kernel", "values"):
         assert np.abs(tuned[name] - imported[name]).max() > 1e-5, name
+
+
+TITANS = ["model.kind=titans", "model.titans.chunk_size=8", "model.titans.memory_heads=2", "model.titans.window=8",
+          "data.segment_len=32"]
+
+
+@pytest.mark.parametrize("arch,variant", [("llama", "mac"), ("gpt2", "mac"), ("gpt2", "mag")])
+def test_titans_on_an_imported_backbone(tmp_path, arch, variant):
+    """Titans' blocks take the backbone's attention, norms, FFN (and GPT-2's wpe, at segment-local positions).
+    With no memory layers, no persistent tokens and a window covering the segment, one segment of Titans is
+    exactly the imported model; with memory on, the (fresh) memory changes the logits."""
+    src = MAKERS[arch](str(tmp_path / "hf"))
+    tokens = np.random.default_rng(1).integers(0, 300, (2, 32))
+    ref = torch_logits(src, tokens)
+    plain = str(tmp_path / "plain")
+    runs.import_hf(src, plain, [*FAST, *TITANS, f"model.titans.variant={variant}", "model.titans.memory_layers=[]",
+                                "model.titans.num_persistent=0", "model.titans.window=32"])
+    diff = float(np.abs(memlm.load(plain).logits(tokens) - ref).max())
+    assert diff < 1e-4, diff
+
+    run = str(tmp_path / "run")
+    out = runs.import_hf(src, run, [*FAST, *TITANS, f"model.titans.variant={variant}"])
+    assert (out["model.kind"], out["arch"]) == ("titans", arch)
+    assert float(np.abs(memlm.load(run).logits(tokens) - ref).max()) > 1e-3
+    p_run, p_plain = run_params(run), run_params(plain)
+    for name in ("decoder.embedding", "decoder.final_norm.scale"):
+        np.testing.assert_array_equal(p_run[name], p_plain[name])
