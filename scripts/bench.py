@@ -7,8 +7,9 @@
 
 `train` times the jitted train step on synthetic batches (compile time reported separately, step time is the
 median of timed steps after 2 warm-up steps) and reads per-device memory from compiled.memory_analysis().
-`compare` runs several configs in ONE process at the same sizes and reports each as a ratio against the first,
-because these machines are noisy. Sizes are SEGMENT_LENxN_SEGMENTS.
+`compare` runs several configs in ONE process at the same sizes (all compiled first, then timed round-robin for
+--rounds rounds) and reports each as a ratio against the first, because these machines are noisy.
+Sizes are SEGMENT_LENxN_SEGMENTS.
 """
 
 from __future__ import annotations
@@ -24,65 +25,89 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class _Bench:
+    """One config compiled at one size, with its own state and batches; `run(k)` times k more steps."""
+
+    def __init__(self, path: str, overrides: list[str], seg_len: int, n_seg: int):
+        import jax
+
+        from memlm.config import load_config
+        from memlm.data.batcher import SegmentBatcher
+        from memlm.data.synthetic import SyntheticCorpus
+        from memlm.sharding import mesh_from_config
+        from memlm.train import setup as setup_lib
+
+        self.path, self.overrides, self.seg_len, self.n_seg = path, overrides, seg_len, n_seg
+        cfg = self.cfg = load_config(path, overrides + [f"data.segment_len={seg_len}", f"data.n_segments={n_seg}",
+                                                        "data.source=synthetic", "model.max_seq_len=1048576"])
+        setup = self.setup = setup_lib.build_setup(cfg, mesh_from_config(cfg.mesh))
+        self.params = setup_lib.init_params(setup, 0)
+        self.opt = setup_lib.init_opt_state(setup, self.params)
+        self.carry = setup_lib.init_carry(setup, self.params)
+        corpus = SyntheticCorpus(cfg.model.vocab_size, n_docs=256, min_len=seg_len * n_seg,
+                                 max_len=4 * seg_len * n_seg)
+        self.batcher = SegmentBatcher(corpus, cfg.train.batch_size, n_seg, seg_len, seed=0)
+        step = setup_lib.jit_train_step(setup)
+        spec = setup_lib.batch_spec(cfg)
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sh[k])
+                          for k, v in spec.items()}
+        with setup.activate():
+            t0 = time.perf_counter()
+            self.compiled = step.lower(setup.abstract_params, setup.abstract_opt, setup.abstract_carry,
+                                       abstract_batch).compile()
+            self.compile_s = time.perf_counter() - t0
+        self.mem = self.compiled.memory_analysis()
+        self.times: list[float] = []
+        self.run(2, record=False)  # warm-up
+
+    def run(self, k: int, record: bool = True) -> None:
+        import jax
+
+        from memlm import distributed
+
+        with self.setup.activate():
+            for _ in range(k):
+                batch = distributed.to_global(self.batcher.next(), self.setup.batch_sh)
+                t = time.perf_counter()
+                self.params, self.opt, self.carry, self.metrics = self.compiled(
+                    self.params, self.opt, self.carry, batch)
+                jax.block_until_ready(self.metrics["loss"])
+                if record:
+                    self.times.append(time.perf_counter() - t)
+
+    def result(self) -> dict:
+        import numpy as np
+
+        from memlm.train import setup as setup_lib
+
+        cfg = self.cfg
+        step_s = statistics.median(self.times)
+        tokens = cfg.train.batch_size * self.seg_len * self.n_seg
+        out = {
+            "config": self.path + (":" + ";".join(self.overrides) if self.overrides else ""),
+            "kind": cfg.model.kind,
+            "segment_len": self.seg_len,
+            "n_segments": self.n_seg,
+            "batch": cfg.train.batch_size,
+            "params": setup_lib.param_count(self.setup.abstract_params),
+            "compile_s": round(self.compile_s, 3),
+            "timed_steps": len(self.times),
+            "step_s": step_s,
+            "tokens_per_sec": tokens / step_s,
+            "sec_per_token": step_s / tokens,
+            "loss": float(np.asarray(self.metrics["loss"])),
+            "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        }
+        if self.mem is not None:
+            out["temp_mib"] = self.mem.temp_size_in_bytes / 2**20
+            out["argument_mib"] = self.mem.argument_size_in_bytes / 2**20
+        return out
+
+
 def _bench_config(path: str, overrides: list[str], seg_len: int, n_seg: int, steps: int) -> dict:
-    import jax
-    import numpy as np
-
-    from memlm import distributed
-    from memlm.config import load_config
-    from memlm.data.batcher import SegmentBatcher
-    from memlm.data.synthetic import SyntheticCorpus
-    from memlm.sharding import mesh_from_config
-    from memlm.train import setup as setup_lib
-
-    cfg = load_config(path, overrides + [f"data.segment_len={seg_len}", f"data.n_segments={n_seg}",
-                                         "data.source=synthetic", "model.max_seq_len=1048576"])
-    mesh = mesh_from_config(cfg.mesh)
-    setup = setup_lib.build_setup(cfg, mesh)
-    params = setup_lib.init_params(setup, 0)
-    opt = setup_lib.init_opt_state(setup, params)
-    carry = setup_lib.init_carry(setup, params)
-    corpus = SyntheticCorpus(cfg.model.vocab_size, n_docs=256, min_len=seg_len * n_seg,
-                             max_len=4 * seg_len * n_seg)
-    batcher = SegmentBatcher(corpus, cfg.train.batch_size, n_seg, seg_len, seed=0)
-    step = setup_lib.jit_train_step(setup)
-    spec = setup_lib.batch_spec(cfg)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sh[k]) for k, v in spec.items()}
-    with setup.activate():
-        t0 = time.perf_counter()
-        compiled = step.lower(setup.abstract_params, setup.abstract_opt, setup.abstract_carry,
-                              abstract_batch).compile()
-        compile_s = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        times = []
-        for i in range(steps + 2):
-            batch = distributed.to_global(batcher.next(), setup.batch_sh)
-            t = time.perf_counter()
-            params, opt, carry, m = compiled(params, opt, carry, batch)
-            jax.block_until_ready(m["loss"])
-            if i >= 2:
-                times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    tokens = cfg.train.batch_size * seg_len * n_seg
-    out = {
-        "config": path,
-        "overrides": overrides,
-        "kind": cfg.model.kind,
-        "segment_len": seg_len,
-        "n_segments": n_seg,
-        "batch": cfg.train.batch_size,
-        "params": setup_lib.param_count(setup.abstract_params),
-        "compile_s": round(compile_s, 3),
-        "step_s": step_s,
-        "tokens_per_sec": tokens / step_s,
-        "sec_per_token": step_s / tokens,
-        "loss": float(np.asarray(m["loss"])),
-        "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-    }
-    if mem is not None:
-        out["temp_mib"] = mem.temp_size_in_bytes / 2**20
-        out["argument_mib"] = mem.argument_size_in_bytes / 2**20
-    return out
+    b = _Bench(path, overrides, seg_len, n_seg)
+    b.run(steps)
+    return b.result()
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -122,7 +147,8 @@ def main() -> int:
     c = sub.add_parser("compare", help="several configs in one process, as ratios against the first")
     c.add_argument("configs", nargs="+", help="config paths; `path:key=value;key=value` adds overrides")
     c.add_argument("--sizes", default="128x2")
-    c.add_argument("--steps", type=int, default=10)
+    c.add_argument("--steps", type=int, default=10, help="timed steps per config per round")
+    c.add_argument("--rounds", type=int, default=1, help="round-robin rounds over the configs")
     c.add_argument("--out", default=None)
     k = sub.add_parser("kernel", help="a kernel benchmark from pallas_kernels/<op>/bench.py")
     k.add_argument("op", choices=["chunked_memory", "landmark_attention", "pkm_lookup"])
@@ -137,14 +163,21 @@ def main() -> int:
     elif args.cmd == "compare":
         rows = []
         for s, n in _sizes(args.sizes):
-            base = None
-            for spec in args.configs:
-                path, _, ov = spec.partition(":")
-                r = _bench_config(path, [o for o in ov.split(";") if o], s, n, args.steps)
-                base = base or r
+            parts = [c.partition(":") for c in args.configs]
+            specs = [(path, [o for o in ov.split(";") if o]) for path, _, ov in parts]
+            benches = [_Bench(path, ov, s, n) for path, ov in specs]
+            # Round-robin: every config gets `steps` timed steps per round, so slow drifts of the machine's
+            # load hit all configs alike; the reported step time is the median over all rounds.
+            for _ in range(args.rounds):
+                for b in benches:
+                    b.run(args.steps)
+            base = benches[0].result()
+            for b in benches:
+                r = b.result()
                 r["time_per_token_ratio"] = r["sec_per_token"] / base["sec_per_token"]
                 r["temp_mem_ratio"] = r.get("temp_mib", 0) / max(base.get("temp_mib", 1), 1e-9)
                 rows.append(r)
+            del benches
         _print_table(rows, ["config", "kind", "segment_len", "n_segments", "step_s", "tokens_per_sec",
                             "time_per_token_ratio", "temp_mib", "temp_mem_ratio"])
         _write(args.out, rows)
