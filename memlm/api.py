@@ -60,6 +60,11 @@ class LoadedModel:
         gd = self._setup.graphdef
         return jax.jit(lambda p, c, t, pos: nnx.merge(gd, p).segment_logits(c, t, pos))
 
+    @cached_property
+    def _host_stream(self):
+        """The model's non-jitted `stream_segment(carry, tokens)` hook, or None (the jitted segment_logits)."""
+        return getattr(self._model, "host_stream", None)
+
     def init_carry(self, batch: int):
         gd = self._setup.graphdef
         return jax.jit(lambda p: nnx.merge(gd, p).init_carry(batch))(self._params)
@@ -75,7 +80,11 @@ class LoadedModel:
         pad = self.segment_len - n
         t = np.pad(tokens, ((0, 0), (0, pad)))
         pos = np.broadcast_to(np.arange(start_pos, start_pos + self.segment_len), t.shape)
-        logits, new = self._segment_fn(self._params, carry, jnp.asarray(t, jnp.int32), jnp.asarray(pos, jnp.int32))
+        if self._host_stream is not None:  # e.g. landmark offload_kv: K/V in host memory, a Python layer loop
+            logits, new = self._host_stream(carry, jnp.asarray(t, jnp.int32))
+        else:
+            logits, new = self._segment_fn(self._params, carry, jnp.asarray(t, jnp.int32),
+                                           jnp.asarray(pos, jnp.int32))
         return logits[:, :n, : self.vocab_size], new
 
     def logits(self, tokens) -> np.ndarray:

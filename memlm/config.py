@@ -133,17 +133,14 @@ class LandmarkConfig(_Strict):
     top_k: int = Field(4, ge=1, description="retrieved blocks at inference")
     retrieval_mode: Literal["per_token_and_head", "max_over_heads", "max_over_tokens"] = "per_token_and_head"
     cache_blocks: int = Field(4096, ge=1, description="blocks held in the inference KV cache")
-    offload_kv: bool = Field(False, description="keep the full KV cache in host memory, landmark keys on device "
-                             "(not implemented: see memlm/memory/landmark.py)")
+    offload_kv: bool = Field(False, description="retrieval inference (memlm.load / eval pg19 / babilong) keeps the "
+                             "K/V cache in host memory, only landmark keys on device; training ignores it")
 
     @model_validator(mode="after")
     def _check(self) -> LandmarkConfig:
         if self.top_k > self.cache_blocks:
             raise ValueError(f"top_k ({self.top_k}) exceeds cache_blocks ({self.cache_blocks}); retrieval picks "
                              "top_k blocks out of the cache")
-        if self.offload_kv:
-            raise ValueError("offload_kv=true is not implemented: streaming runs as one jitted segment_logits "
-                             "call, which cannot gather host-resident blocks by data-dependent indices")
         return self
 
 

@@ -47,9 +47,21 @@ train loop, checkpoints and `memlm eval lm`, which runs `loss` at training shape
 `segment_logits` call allocates the K/V arrays; later calls carry {"num_blocks", "k", "v"} with
 k, v: [n_layers, batch, kv_heads, cache_blocks, L, head_dim] (one extra jit trace for the first segment).
 
-offload_kv (the paper keeps the full KV on the CPU and only landmark keys on the GPU) is NOT implemented:
-retrieval gathers blocks by data-dependent indices inside the one jitted segment_logits call, so host-resident
-blocks cannot be read there; the config rejects offload_kv=true with a "not implemented" error.
+offload_kv (Sec. 3.3: the paper keeps the K/V cache on the CPU and only the landmark keys on the GPU).
+Retrieval gathers blocks by data-dependent indices, which one jit cannot read from host memory, so with
+offload_kv LoadedModel (step_segment / logits / generate, hence `memlm eval pg19` and BABILong) calls the
+non-jitted `stream_segment` hook (`host_stream`) instead of a jitted segment_logits. Per layer: a jit
+computes the chunk's q, k, v and the top-k entries from the device landmark keys (retrieval.chunk_select,
+same stingy positions); the host copies each row's distinct chosen blocks (HostKV.gather_unique, U rounded
+up to a power of two so the next jit compiles O(log cache_blocks) times) to the device; a second jit gathers
+them per (query, head) and runs retrieval.attend_retrieved (the math of the on-device path) and the MLP.
+After the last layer the chunk's blocks go to the host FIFO and their landmark keys to the device FIFO.
+Carry: {"num_blocks", "landmark_k" [n_layers, batch, kv_heads, cache_blocks, head_dim] (device), "host_kv":
+HostKV (numpy, never modified: appending shares the older chunk arrays, so an old carry stays valid)}. Device
+memory per carry: 1/(2L) of the on-device cache. Same blocks and, up to float32 rounding across the jit
+boundaries, the same logits as segment_logits (tests/memory/test_landmark_offload.py). The cost is one
+device->host sync per layer and chunk (the chosen indices). Training and `memlm eval lm` (`loss` at training
+shapes, no retrieval) ignore offload_kv; segment_logits itself always keeps the cache on the device.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from memlm.errors import UserError
@@ -66,6 +79,7 @@ from memlm.models.decoder import _REMAT_POLICIES, Decoder
 from memlm.models.lm import register_model, token_loss
 from memlm.sharding import constrain
 from pallas_kernels.landmark_attention import landmark_attention, retrieval_attention
+from pallas_kernels.landmark_attention.retrieval import attend_retrieved, chunk_select, gather_blocks
 
 DOC_BIG = 2.0**15  # score penalty across documents: exp(-2^15) underflows to exactly 0 in float32
 
@@ -240,40 +254,219 @@ class Landmark(nnx.Module):
         return loss_sum, n, carry, aux
 
     # ---- retrieval inference -------------------------------------------------------------------------------
+    def _layer(self, l: jax.Array):
+        """Decoder block l (a traced index) of the stacked blocks."""
+        graphdef, stacked = nnx.split(self.decoder.blocks)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[l], stacked))
+
+    def _stream_qkv(self, block, h):
+        """h [B, Ti, d] -> q [B, H, Ti, hd], k, v [B, kv_heads, Ti, hd] (pre-RoPE)."""
+        return tuple(x.transpose(0, 2, 1, 3) for x in self._qkv(block.attn, block.attn_norm(h)))
+
+    def _stream_out(self, block, h, out):
+        """Residual attention output out [B, H, Ti, hd] and the MLP: -> h [B, Ti, d]."""
+        B, T, _ = h.shape
+        h = h + block.attn.wo(out.transpose(0, 2, 1, 3).reshape(B, T, self.cfg.n_heads * self.cfg.hd))
+        return h + block.mlp(block.mlp_norm(h))
+
+    def _rope(self):
+        return partial(rope_any, theta=self.cfg.rope_theta)
+
     def _stream_layer(self, block, h, kv, num_blocks):
-        c, lc = self.cfg, self.cfg.landmark
+        lc = self.cfg.landmark
         B, T, _ = h.shape
         ck, cv = kv
-        q, k, v = (x.transpose(0, 2, 1, 3) for x in self._qkv(block.attn, block.attn_norm(h)))
-        out = retrieval_attention(
+        q, k, v = self._stream_qkv(block, h)
+        out, idx = retrieval_attention(
             q, self._heads(k), self._heads(v), self._heads(ck), self._heads(cv), top_k=lc.top_k,
-            mode=lc.retrieval_mode, rope_fn=partial(rope_any, theta=c.rope_theta), num_valid=num_blocks,
+            mode=lc.retrieval_mode, rope_fn=self._rope(), num_valid=num_blocks, return_indices=True,
         )
-        h = h + block.attn.wo(out.transpose(0, 2, 1, 3).reshape(B, T, c.n_heads * c.hd))
-        h = h + block.mlp(block.mlp_norm(h))
+        h = self._stream_out(block, h, out)
         # append this chunk's complete blocks (pre-RoPE keys) to the FIFO, dropping the oldest
         nb = ck.shape[2]
-        blocks = lambda x: x.reshape(B, c.kv_heads, T // (self.b + 1), self.b + 1, c.hd).astype(ck.dtype)
-        new_k = jnp.concatenate([ck, blocks(k)], axis=2)[:, :, -nb:]
-        new_v = jnp.concatenate([cv, blocks(v)], axis=2)[:, :, -nb:]
-        return h, (new_k, new_v)
+        new_k = jnp.concatenate([ck, self._blocks(k).astype(ck.dtype)], axis=2)[:, :, -nb:]
+        new_v = jnp.concatenate([cv, self._blocks(v).astype(cv.dtype)], axis=2)[:, :, -nb:]
+        return h, (new_k, new_v, idx)
+
+    def _blocks(self, x: jax.Array) -> jax.Array:
+        """[..., Ti, hd] -> [..., Ti / L, L, hd]."""
+        L = self.b + 1
+        return x.reshape(*x.shape[:-2], x.shape[-2] // L, L, x.shape[-1])
+
+    def _check_chunk(self, tokens):
+        if tokens.shape[1] % self.b:
+            raise UserError(f"model.landmark.block_size ({self.b}) does not divide the chunk length {tokens.shape[1]}")
+
+    def segment_logits_and_indices(self, carry, tokens):
+        """segment_logits, also returning the retrieved cache indices [n_layers, B, H, Ti, top_k]."""
+        self._check_chunk(tokens)
+        B, Ls = tokens.shape
+        cache = carry if "k" in carry else self._empty_cache(B)
+        nv = cache["num_blocks"]
+        x = self.insert_landmarks(self.decoder.embed(tokens)).astype(self.decoder.compute_dtype)
+        h, (k, v, idx) = self._scan_layers(lambda blk, h, kv: self._stream_layer(blk, h, kv, nv), x,
+                                           (cache["k"], cache["v"]))
+        reg, _ = self.split_landmarks(self.decoder.final_norm(h))
+        nv = jnp.minimum(nv + Ls // self.b, self.cfg.landmark.cache_blocks)
+        return self.decoder.head(reg), {"num_blocks": nv, "k": k, "v": v}, idx
 
     def segment_logits(self, carry, tokens, positions=None, reset=None):
         """One chunk with retrieval: tokens [B, Ls] (Ls a multiple of b) -> (float32 logits [B, Ls, V], carry).
 
         `positions` is not needed: retrieval uses the bounded stingy positions (module docstring).
         """
+        logits, carry, _ = self.segment_logits_and_indices(carry, tokens)
+        return logits, carry
+
+    # ---- retrieval inference, K/V in host memory (offload_kv) ------------------------------------------------
+    @property
+    def host_stream(self):
+        """The non-jitted streaming hook LoadedModel calls instead of a jitted segment_logits (offload_kv)."""
+        return self.stream_segment if self.cfg.landmark.offload_kv else None
+
+    def stream_segment(self, carry, tokens, positions=None, reset=None, return_indices: bool = False):
+        """segment_logits with the K/V cache in host memory: a Python loop over layers (module docstring).
+
+        carry: {"num_blocks"} (fresh) or {"num_blocks" [B], "landmark_k" [n_layers, B, kv_heads, cache_blocks,
+        hd] (device), "host_kv": HostKV}. The old carry is never modified, so a partial chunk may be run from
+        it and dropped. Returns (float32 logits [B, Ls, V], carry) (+ indices [n_layers, B, H, Ti, top_k]).
+        """
+        self._check_chunk(tokens)
+        c, lc = self.cfg, self.cfg.landmark
         B, Ls = tokens.shape
-        if Ls % self.b:
-            raise UserError(f"model.landmark.block_size ({self.b}) does not divide the chunk length {Ls}")
-        cache = carry if "k" in carry else self._empty_cache(B)
-        nv = cache["num_blocks"]
-        x = self.insert_landmarks(self.decoder.embed(tokens)).astype(self.decoder.compute_dtype)
-        h, (k, v) = self._scan_layers(lambda blk, h, kv: self._stream_layer(blk, h, kv, nv), x,
-                                      (cache["k"], cache["v"]))
-        reg, _ = self.split_landmarks(self.decoder.final_norm(h))
-        nv = jnp.minimum(nv + Ls // self.b, self.cfg.landmark.cache_blocks)
-        return self.decoder.head(reg), {"num_blocks": nv, "k": k, "v": v}
+        gd, st = nnx.split(self)
+        if "landmark_k" in carry:
+            lk, host, nv = carry["landmark_k"], carry["host_kv"], carry["num_blocks"]
+        else:  # made by a jit of the params, so placed (committed) like later carries: no second compilation
+            lk, nv = _off_start(gd, st, carry["num_blocks"])
+            host = HostKV(lc.cache_blocks, (c.kv_heads, self.b + 1, c.hd), np.dtype(lk.dtype))
+        h = _off_embed(gd, st, jnp.asarray(tokens, jnp.int32))
+        device = next(iter(lk.devices()))  # where the params and the carry live
+        ks, vs, idxs = [], [], []
+        for layer in range(c.n_layers):
+            l = np.int32(layer)  # traced: one compilation for all layers
+            q, k, v, idx = _off_select(gd, st, l, h, lk, nv)
+            blocks_k, blocks_v, ridx = host.gather_unique(layer, np.asarray(idx), device)  # the only host->device copy
+            h = _off_attend(gd, st, l, h, q, k, v, blocks_k, blocks_v, ridx, idx, nv)
+            ks.append(k)
+            vs.append(v)
+            idxs.append(idx)
+        logits, nv, lk, kb, vb = _off_finish(gd, st, h, nv, lk, ks, vs)
+        new = {"num_blocks": nv, "landmark_k": lk, "host_kv": host.append(np.asarray(kb), np.asarray(vb))}
+        return (logits, new, jnp.stack(idxs)) if return_indices else (logits, new)
+
+
+class HostKV:
+    """The offloaded K/V FIFO in host memory: the last `capacity` complete blocks of every layer.
+
+    Persistent: `append` returns a new HostKV sharing the older chunk arrays (numpy
+    [n_layers, B, kv_heads, n_i, L, hd], one per streamed chunk, never written after creation), so an old
+    carry stays valid (LoadedModel re-runs a partial chunk from it) and appending copies only the new chunk.
+    Cache entry s of the device layout (right-aligned, as in the on-device cache) is block number
+    total - capacity + s of the stream; entries before the first block read as zeros, like the unfilled
+    on-device cache. All batch rows advance together (one chunk length), as in segment_logits.
+    """
+
+    def __init__(self, capacity: int, tail: tuple, dtype, k=(), v=(), starts=(), total: int = 0):
+        self.capacity, self.tail, self.dtype = capacity, tail, dtype
+        self.k, self.v, self.starts, self.total = tuple(k), tuple(v), np.asarray(starts, np.int64), total
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+    def append(self, k_new: np.ndarray, v_new: np.ndarray) -> HostKV:
+        """k_new, v_new [n_layers, B, kv_heads, n, L, hd] -> a new HostKV (chunks wholly evicted are dropped)."""
+        total = self.total + k_new.shape[3]
+        k, v, starts = self.k + (k_new,), self.v + (v_new,), np.append(self.starts, self.total)
+        ends = np.append(starts[1:], total)
+        keep = ends > total - self.capacity
+        pick = lambda xs: tuple(x for x, y in zip(xs, keep) if y)
+        return HostKV(self.capacity, self.tail, self.dtype, pick(k), pick(v), starts[keep], total)
+
+    def gather(self, layer: int, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cache entries [B, U] (-1: padding) of one layer -> k, v [B, kv_heads, U, L, hd] (zeros if invalid)."""
+        B, U = entries.shape
+        out_k = np.zeros((B, self.tail[0], U, *self.tail[1:]), self.dtype)
+        out_v = np.zeros_like(out_k)
+        g = self.total - self.capacity + entries  # stream block number
+        valid = (entries >= 0) & (g >= 0)
+        chunk = np.searchsorted(self.starts, g, side="right") - 1
+        for i in np.unique(chunk[valid]):
+            bb, uu = np.nonzero(valid & (chunk == i))
+            j = g[bb, uu] - self.starts[i]
+            out_k[bb, :, uu] = self.k[i][layer, bb, :, j]
+            out_v[bb, :, uu] = self.v[i][layer, bb, :, j]
+        return out_k, out_v
+
+    def gather_unique(self, layer: int, idx: np.ndarray, device=None):
+        """Chosen entries idx [B, H, Ti, k] -> (k, v [B, kv_heads, U, L, hd] device, ridx [B, H, Ti, k] in [0, U)).
+
+        Each row's distinct entries are copied once; U is rounded up to a power of two (capped at capacity)
+        so the attend step compiles O(log capacity) times, not once per count.
+        """
+        B = idx.shape[0]
+        flat = idx.reshape(B, -1)
+        uniq = [np.unique(r) for r in flat]
+        U = min(1 << (max(len(u) for u in uniq) - 1).bit_length(), max(self.capacity, 1))
+        entries = np.full((B, U), -1, np.int64)
+        ridx = np.empty_like(flat)
+        for b, u in enumerate(uniq):
+            entries[b, : len(u)] = u
+            ridx[b] = np.searchsorted(u, flat[b])
+        k, v = self.gather(layer, entries)
+        return tuple(jax.device_put(x, device) for x in (k, v, ridx.reshape(idx.shape).astype(np.int32)))
+
+
+# Jitted pieces of stream_segment (graphdef static: one compilation per model shape).
+@partial(jax.jit, static_argnums=0)
+def _off_start(gd, st, num_blocks):
+    """An empty carry's device part: landmark keys [n_layers, B, kv_heads, cache_blocks, hd] zeros."""
+    m = nnx.merge(gd, st)
+    c = m.cfg
+    B = num_blocks.shape[0]
+    shape = (c.n_layers, B, c.kv_heads, c.landmark.cache_blocks, c.hd)
+    first = jax.tree.leaves(st)[0].reshape(-1)[0]  # depend on the params: placed like them
+    return jnp.zeros(shape, m.decoder.compute_dtype) + (0 * first).astype(m.decoder.compute_dtype), num_blocks + 0
+
+
+@partial(jax.jit, static_argnums=0)
+def _off_embed(gd, st, tokens):
+    m = nnx.merge(gd, st)
+    return m.insert_landmarks(m.decoder.embed(tokens)).astype(m.decoder.compute_dtype)
+
+
+@partial(jax.jit, static_argnums=0)
+def _off_select(gd, st, l, h, lk, num_blocks):
+    """Layer l: q, k, v of the chunk and the top-k cache entries from the device landmark keys only."""
+    m = nnx.merge(gd, st)
+    lc = m.cfg.landmark
+    q, k, v = m._stream_qkv(m._layer(l), h)
+    idx = chunk_select(q, m._heads(lk[l]), block_len=m.b + 1, t_local=k.shape[2], top_k=lc.top_k,
+                       mode=lc.retrieval_mode, rope_fn=m._rope(), num_valid=num_blocks)
+    return q, k, v, idx
+
+
+@partial(jax.jit, static_argnums=0)
+def _off_attend(gd, st, l, h, q, k, v, blocks_k, blocks_v, ridx, idx, num_blocks):
+    """Layer l: attention over [retrieved ; chunk] from the host-gathered blocks, then the MLP."""
+    m = nnx.merge(gd, st)
+    ret_k, ret_v = (gather_blocks(m._heads(x), ridx) for x in (blocks_k, blocks_v))
+    out = attend_retrieved(q, m._heads(k), m._heads(v), ret_k, ret_v, idx, n_blocks=m.cfg.landmark.cache_blocks,
+                           rope_fn=m._rope(), num_valid=num_blocks)
+    return m._stream_out(m._layer(l), h, out)
+
+
+@partial(jax.jit, static_argnums=0)
+def _off_finish(gd, st, h, num_blocks, lk, ks, vs):
+    """Logits, the new num_blocks, the landmark-key FIFO update and the chunk's blocks
+    [n_layers, B, kv_heads, n, L, hd] (for the host)."""
+    m = nnx.merge(gd, st)
+    num_blocks = jnp.minimum(num_blocks + ks[0].shape[2] // (m.b + 1), m.cfg.landmark.cache_blocks)
+    reg, _ = m.split_landmarks(m.decoder.final_norm(h))
+    kb, vb = (m._blocks(jnp.stack(x)).astype(lk.dtype) for x in (ks, vs))
+    lk = jnp.concatenate([lk, kb[..., m.b, :]], axis=3)[:, :, :, -lk.shape[3] :]
+    return m.decoder.head(reg), num_blocks, lk, kb, vb
 
 
 register_model("landmark", Landmark)

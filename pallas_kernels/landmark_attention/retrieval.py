@@ -21,6 +21,9 @@ Steps:
  2. Attend over [retrieved blocks ; local tokens] with the grouped softmax of ``reference.py``: each
     retrieved block is an "earlier block" (its landmark joins the query group, its regular tokens form a
     group), local blocks follow the training rule (causal, own landmark excluded).
+``retrieval_attention`` = ``chunk_select`` (step 1, reads only the landmark keys) + ``gather_blocks`` from the
+device cache + ``attend_retrieved`` (step 2, takes the gathered blocks). The host-offloaded cache of
+memlm/memory/landmark.py (offload_kv) runs the same two functions with a host-side gather in between.
 
 Stingy positions (paper Sec. 3.3, bounded no matter how long the context):
   * landmark key of cache entry s for scoring: slot(s) * L + L - 1, where the k most recent entries get
@@ -126,43 +129,59 @@ def select_blocks(
     return jnp.sort(idx, axis=-1)
 
 
-def retrieval_attention(
+def chunk_select(
     q: jax.Array,
-    k_local: jax.Array,
-    v_local: jax.Array,
-    cache_k: jax.Array,
-    cache_v: jax.Array,
+    landmark_keys: jax.Array,
     *,
+    block_len: int,
+    t_local: int,
     top_k: int,
     mode: str = "per_token_and_head",
     rope_fn: RopeFn | None = None,
-    landmark_keys: jax.Array | None = None,
     num_valid: jax.Array | None = None,
     scale: float | None = None,
-    return_indices: bool = False,
-):
-    """Retrieve top-k cached blocks per (query, head) and attend over [retrieved ; local] (module doc).
+) -> jax.Array:
+    """Step 1 at the stingy positions: the top-k cache entries of the last T_q of ``t_local`` local queries.
 
-    Returns out [batch, heads, T_q, head_dim] (q.dtype), and the chosen cache indices
-    [batch, heads, T_q, top_k] if ``return_indices``. Memory is T_q * top_k * L * head_dim per head.
-    Raises UserError for bad shapes, an unknown mode, or top_k outside [1, n_blocks].
+    q [batch, heads, T_q, D], landmark_keys [batch, heads, n_blocks, D] (pre-RoPE) -> ascending cache
+    indices [batch, heads, T_q, top_k]. Only the landmark keys are read, so a caller that keeps the blocks
+    elsewhere (host memory, the model's offload_kv) selects here, gathers the blocks itself and finishes
+    with ``attend_retrieved``.
     """
-    _check(q, k_local, v_local, cache_k, cache_v, top_k, mode)
-    rope_fn = rope_fn or _identity_rope
-    B, H, n_blocks, L, D = cache_k.shape
-    Tq, Tl = q.shape[2], k_local.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    pos = stingy_positions(n_blocks, top_k, L, Tl)
-    q_pos = pos["local"][Tl - Tq :]
-    lk = cache_k[:, :, :, L - 1] if landmark_keys is None else landmark_keys
-    idx = select_blocks(
-        q, lk, top_k=top_k, mode=mode, rope_fn=rope_fn, q_positions=q_pos,
+    n_blocks = landmark_keys.shape[-2]
+    pos = stingy_positions(n_blocks, top_k, block_len, t_local)
+    return select_blocks(
+        q, landmark_keys, top_k=top_k, mode=mode, rope_fn=rope_fn, q_positions=pos["local"][t_local - q.shape[2] :],
         landmark_positions=pos["landmark"], num_valid=num_valid, scale=scale,
     )
 
-    # Gather the chosen blocks per (query, head): [B, H, Tq, k, L, D].
-    gather = jax.vmap(jax.vmap(lambda c, i: c[i]))
-    ret_k, ret_v = gather(cache_k, idx), gather(cache_v, idx)
+
+def attend_retrieved(
+    q: jax.Array,
+    k_local: jax.Array,
+    v_local: jax.Array,
+    ret_k: jax.Array,
+    ret_v: jax.Array,
+    idx: jax.Array,
+    *,
+    n_blocks: int,
+    rope_fn: RopeFn | None = None,
+    num_valid: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Step 2: grouped-softmax attention over [retrieved blocks ; local tokens] (module docstring).
+
+    ret_k, ret_v [batch, heads, T_q, top_k, L, D]: the pre-RoPE cache entries ``idx`` [batch, heads, T_q,
+    top_k] (ascending, from ``chunk_select``) of a cache of ``n_blocks`` entries, already gathered (on the
+    device by ``retrieval_attention``, or from host memory). ``idx`` sets the stingy positions and, with
+    ``num_valid``, which retrieved blocks are real. Returns out [batch, heads, T_q, D] (q.dtype).
+    """
+    rope_fn = rope_fn or _identity_rope
+    B, H, Tq, top_k, L, D = ret_k.shape
+    Tl = k_local.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    pos = stingy_positions(n_blocks, top_k, L, Tl)
+    q_pos = pos["local"][Tl - Tq :]
     ret_pos = (jnp.arange(top_k) + pos["recent"][idx]) * L  # [B, H, Tq, k]
     ret_pos = ret_pos[..., None] + jnp.arange(L)  # [B, H, Tq, k, L]
     qr = rope_fn(q, q_pos).astype(jnp.float32)
@@ -188,5 +207,41 @@ def retrieval_attention(
 
     out = jnp.einsum("bhqkl,bhqkld->bhqd", w[:, :, :, :top_k], ret_v.astype(jnp.float32))
     w_loc = w[:, :, :, top_k:].reshape(B, H, Tq, n_loc * L)[..., :Tl]
-    out = (out + jnp.einsum("bhqt,bhtd->bhqd", w_loc, v_local.astype(jnp.float32))).astype(q.dtype)
+    return (out + jnp.einsum("bhqt,bhtd->bhqd", w_loc, v_local.astype(jnp.float32))).astype(q.dtype)
+
+
+def gather_blocks(blocks: jax.Array, idx: jax.Array) -> jax.Array:
+    """blocks [batch, heads, n, L, D], idx [batch, heads, T_q, k] -> [batch, heads, T_q, k, L, D]."""
+    return jax.vmap(jax.vmap(lambda c, i: c[i]))(blocks, idx)
+
+
+def retrieval_attention(
+    q: jax.Array,
+    k_local: jax.Array,
+    v_local: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    *,
+    top_k: int,
+    mode: str = "per_token_and_head",
+    rope_fn: RopeFn | None = None,
+    landmark_keys: jax.Array | None = None,
+    num_valid: jax.Array | None = None,
+    scale: float | None = None,
+    return_indices: bool = False,
+):
+    """Retrieve top-k cached blocks per (query, head) and attend over [retrieved ; local] (module doc):
+    ``chunk_select``, a gather from the device cache, ``attend_retrieved``.
+
+    Returns out [batch, heads, T_q, head_dim] (q.dtype), and the chosen cache indices
+    [batch, heads, T_q, top_k] if ``return_indices``. Memory is T_q * top_k * L * head_dim per head.
+    Raises UserError for bad shapes, an unknown mode, or top_k outside [1, n_blocks].
+    """
+    _check(q, k_local, v_local, cache_k, cache_v, top_k, mode)
+    n_blocks, L = cache_k.shape[2:4]
+    lk = cache_k[:, :, :, L - 1] if landmark_keys is None else landmark_keys
+    idx = chunk_select(q, lk, block_len=L, t_local=k_local.shape[2], top_k=top_k, mode=mode, rope_fn=rope_fn,
+                       num_valid=num_valid, scale=scale)
+    out = attend_retrieved(q, k_local, v_local, gather_blocks(cache_k, idx), gather_blocks(cache_v, idx), idx,
+                           n_blocks=n_blocks, rope_fn=rope_fn, num_valid=num_valid, scale=scale)
     return (out, idx) if return_indices else out

@@ -211,8 +211,6 @@ def test_config_errors(capsys):
     base = {"model": {"kind": "landmark"}, "data": {"segment_len": 100}}
     with pytest.raises(UserError, match=r"model\.landmark: top_k \(8\) exceeds cache_blocks \(4\)"):
         from_dict({**base, "model": {"kind": "landmark", "landmark": {"top_k": 8, "cache_blocks": 4}}})
-    with pytest.raises(UserError, match=r"model\.landmark: offload_kv=true is not implemented"):
-        from_dict({**base, "model": {"kind": "landmark", "landmark": {"offload_kv": True}}})
     with pytest.raises(UserError, match=r"model\.landmark\.block_size \(30\) does not divide data\.segment_len"):
         from_dict({**base, "model": {"kind": "landmark", "landmark": {"block_size": 30}}})
     with pytest.raises(UserError, match="model.arch"):
