@@ -1,0 +1,124 @@
+"""Learning: Titans-MAC recalls key/value pairs beyond its attention window (Behrouz et al. 2025, arXiv
+2501.00663 §4.1: the neural memory carries the past, attention only sees the current segment).
+
+Task (memlm.data.synthetic.AssociativeRecallCorpus, what `data.source=assoc_recall` trains on): documents of
+2 segments of 16 tokens; segment 0 holds P = 2 key/value pairs "k1 v1 k2 v2" then filler, segment 1 is filler,
+a query marker and the same keys again in a random order; the loss and the accuracy count only the recalled
+values (16 possible values: chance 1/16). MAC attends only inside its segment ([persistent ; retrieved ;
+segment]), so the pairs are out of its attention's reach: only the neural memory can bring them to segment 1.
+
+Models: d_model 64, 2 layers, 4 heads, 2 memory heads, linear memory (memory_depth 1, the paper's LMM depth-1
+ablation: it learns the task within the CI budget; depth 2 is slower to start), chunk 8, max_lr 0.05.
+The baseline is the same MAC model with `titans.memory_layers: []`: identical attention (segment-local with
+persistent tokens) and width, no neural memory. Both are trained on fresh documents every step through
+build_setup / jit_train_step and evaluated on 256 held-out documents streamed one segment at a time through
+`segment_logits` (the inference path: the memory goes from segment 0 to segment 1 in the carry).
+
+test_mac_recall_ci (CI, 200 steps each): MAC well above chance and the baseline (measured: MAC 33.8%, baseline
+6.1%; 105 s CPU, 341 s wall at load average ~20 on the shared 2-core box).
+test_mac_recall_full (slow): MAC >= 90%, the baseline near chance. NOT reached yet, so marked xfail (the
+threshold is kept): measured MAC 75.2% after 1500 steps and 76.2% after 4000 (the recall loss plateaus at
+~0.4), baseline 5.3% / 5.1%.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from memlm import distributed, sharding
+from memlm.config import from_dict
+from memlm.data.synthetic import AssociativeRecallCorpus
+from memlm.train import setup as setup_lib
+
+pytestmark = pytest.mark.integration  # training runs
+
+N_SEG, SEG, PAIRS, BATCH, LR = 2, 16, 2, 32, 3e-3
+CHANCE = 1 / 16
+MAC = {"variant": "mac", "memory_depth": 1, "memory_heads": 2, "chunk_size": 8, "max_lr": 0.05,
+       "num_persistent": 4}
+NO_MEMORY = {**MAC, "memory_layers": []}
+
+
+def recall_batch(corpus: AssociativeRecallCorpus, start: int, n: int) -> dict[str, np.ndarray]:
+    """Documents start .. start+n-1 as one batch [n, N_SEG, SEG] (one document per row)."""
+    docs = np.stack([corpus.doc(i) for i in range(start, start + n)])
+    mask = np.stack([corpus.doc_loss_mask(i) for i in range(start, start + n)])
+    shape = (n, N_SEG, SEG)
+    reset = np.zeros((n, N_SEG), bool)
+    reset[:, 0] = True
+    return {"tokens": docs[:, :-1].reshape(shape), "targets": docs[:, 1:].reshape(shape),
+            "positions": np.broadcast_to(np.arange(N_SEG * SEG, dtype=np.int32), (n, N_SEG * SEG)).reshape(shape),
+            "loss_mask": mask.reshape(shape), "reset": reset}
+
+
+def train_and_eval(titans: dict, steps: int, seed: int = 0, n_eval: int = 256) -> dict:
+    """Train `steps` steps on fresh recall documents; greedy answer accuracy on held-out documents."""
+    cfg = from_dict({
+        "run": {"dir": "/tmp/unused"},
+        "train": {"steps": steps, "batch_size": BATCH, "lr": LR, "warmup_steps": 20, "weight_decay": 0.0,
+                  "progress": False},
+        "model": {"kind": "titans", "vocab_size": 259, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                  "d_ff": 128, "max_seq_len": 64, "dtype": "float32", "remat": "none", "titans": titans},
+        "data": {"source": "synthetic", "n_segments": N_SEG, "segment_len": SEG}})
+    train = AssociativeRecallCorpus(10**9, N_SEG, SEG, num_pairs=PAIRS, seed=seed)  # fresh documents per step
+    held_out = AssociativeRecallCorpus(n_eval, N_SEG, SEG, num_pairs=PAIRS, seed=10**6 + seed)
+    setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
+    params = setup_lib.init_params(setup, seed)
+    opt = setup_lib.init_opt_state(setup, params)
+    carry = setup_lib.init_carry(setup, params)
+    step = setup_lib.jit_train_step(setup)
+    t0 = time.perf_counter()
+    with setup.activate():
+        for i in range(steps):
+            batch = distributed.to_global(recall_batch(train, i * BATCH, BATCH), setup.batch_sh)
+            params, opt, carry, metrics = step(params, opt, carry, batch)
+            if (i + 1) % 250 == 0:  # progress of the long run (pytest -s)
+                print(f"  step {i + 1}: recall loss {float(metrics['loss']):.3f} ({time.perf_counter() - t0:.0f} s)")
+        loss = float(metrics["loss"])
+        train_s = time.perf_counter() - t0
+
+        gd = setup.graphdef
+        seg = jax.jit(lambda p, c, t: nnx.merge(gd, p).segment_logits(c, t))
+        init = jax.jit(lambda p: nnx.merge(gd, p).init_carry(64))
+        hits = total = 0
+        for s in range(0, n_eval, 64):
+            b = recall_batch(held_out, s, 64)
+            c = init(params)
+            for j in range(N_SEG):  # stream: segment 0 is written into the memory, segment 1 reads it
+                logits, c = seg(params, c, jnp.asarray(b["tokens"][:, j]))
+            ask = b["loss_mask"][:, -1] > 0  # the answers are all in the last segment
+            hits += int(((np.asarray(logits.argmax(-1)) == b["targets"][:, -1]) & ask).sum())
+            total += int(ask.sum())
+    assert total == n_eval * PAIRS and np.isfinite(loss), (total, loss)
+    return {"acc": hits / total, "loss": loss, "train_s": round(train_s, 1),
+            "total_s": round(time.perf_counter() - t0, 1)}
+
+
+def compare(steps: int, seed: int = 0) -> tuple[dict, dict]:
+    mac = train_and_eval(MAC, steps, seed)
+    base = train_and_eval(NO_MEMORY, steps, seed)
+    print(f"\nrecall beyond the window, {steps} steps, seed {seed}: MAC {mac} | no-memory baseline {base} | "
+          f"chance {CHANCE:.3f}")
+    return mac, base
+
+
+def test_mac_recall_ci():
+    mac, base = compare(steps=200)
+    assert mac["acc"] >= 3 * CHANCE, (mac, base)
+    assert mac["acc"] >= base["acc"] + 0.1, (mac, base)
+    assert base["acc"] <= 2 * CHANCE, base
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(5400)  # 3000 training steps in all: the default 900 s is too short on a shared box
+@pytest.mark.xfail(reason="MAC plateaus at ~76% recall on this recipe (75.2% @1500, 76.2% @4000 steps)", strict=False)
+def test_mac_recall_full():
+    mac, base = compare(steps=1500)
+    assert mac["acc"] >= 0.90, (mac, base)
+    assert base["acc"] <= 2 * CHANCE, base
