@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from memlm.errors import UserError
+from memlm.errors import TrainingDiverged, UserError
 
 OVERRIDES_HELP = "config overrides as key.path=value (e.g. train.steps=100 mesh.data=8)"
 
@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"memlm: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"memlm: diverged: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from memlm import config as config_lib
 from memlm import distributed
 from memlm.checkpoint import Checkpointer
 from memlm.data import pipeline
-from memlm.errors import UserError
+from memlm.errors import TrainingDiverged, UserError
 from memlm.metrics import MetricsWriter
 from memlm.sharding import mesh_from_config
 from memlm.train import setup as setup_lib
@@ -222,6 +222,7 @@ def train(cfg) -> dict:
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     last: dict = {}
     step = start
+    diverged = False
     t_last, steps_since = time.perf_counter(), 0
     with _Preemption() as preempt, setup.activate():
         try:
@@ -243,6 +244,13 @@ def train(cfg) -> dict:
                     writer.write(step, last)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}")
+                    if not np.isfinite(last["loss"]):  # keep the last good checkpoint; never save NaN weights
+                        diverged = True
+                        good = [s for s in ckpt.all_steps() if s < step]
+                        raise TrainingDiverged(
+                            f"loss is {last['loss']} at step {step} (metrics in {run_dir}/metrics.jsonl); "
+                            f"latest checkpoint kept: {max(good) if good else 'none'}. Lower train.lr or the "
+                            "memory's inner step size (e.g. model.titans.max_lr)")
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.train.checkpoint_every == 0 or preempt.requested:
@@ -256,7 +264,7 @@ def train(cfg) -> dict:
                 save(step, force=True)
             raise
         finally:
-            if step > start and step not in ckpt.all_steps() and not preempt.requested:
+            if step > start and step not in ckpt.all_steps() and not preempt.requested and not diverged:
                 save(step, force=True)
             ckpt.close()
             writer.close()

@@ -147,3 +147,24 @@ def test_compile_prints_params_and_memory():
     per_layer = d * 4 * hd + 2 * d * 2 * hd + 4 * hd * d + 3 * d * f + 2 * d
     assert cfg_params == 2 * per_layer + 384 * d + d
     assert info["per_device_total_gib"] > 0
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
+    """A NaN/inf loss stops training (exit 1, one line naming the step), the diverged state is not saved, and
+    the earlier checkpoints stay. lr=1e30 blows the weights up within a few updates."""
+    run = str(tmp_path / "run")
+    r = run_memlm("train", *TINY, f"run.dir={run}", "train.steps=8", "train.lr=1e30", "train.warmup_steps=0",
+                  "train.grad_clip=0", "train.checkpoint_every=1", "train.async_checkpoint=false")
+    assert r.returncode == 1, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert not any("Traceback" in x for x in lines), r.stderr[-2000:]
+    losses = _losses(run)
+    bad = min(s for s, v in losses.items() if not np.isfinite(v))
+    assert bad > 1 and all(np.isfinite(losses[s]) for s in range(1, bad)) and max(losses) == bad, losses
+    assert lines[-1].startswith(f"memlm: diverged: loss is {losses[bad]} at step {bad} "), r.stderr[-2000:]
+    assert f"latest checkpoint kept: {bad - 1}." in lines[-1], lines[-1]
+    ck = Checkpointer(os.path.join(run, "checkpoints"), async_save=False)
+    try:
+        assert max(ck.all_steps()) == bad - 1  # the diverged step was not saved
+    finally:
+        ck.close()
