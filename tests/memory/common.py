@@ -49,3 +49,45 @@ def stream_logits(model, tokens: jax.Array, seg_len: int) -> jax.Array:
         logits, carry = model.segment_logits(carry, seg, pos)
         out.append(logits)
     return jnp.concatenate(out, axis=1)
+
+
+def recall_batch(corpus, start: int, n: int, segment_len: int) -> dict[str, np.ndarray]:
+    """Documents start..start+n-1 of an AssociativeRecallCorpus as one batch (one document per row):
+    tokens/targets/positions/loss_mask [n, S, L], reset [n, S] (True at segment 0)."""
+    docs = np.stack([corpus.doc(i) for i in range(start, start + n)])
+    mask = np.stack([corpus.doc_loss_mask(i) for i in range(start, start + n)])
+    s = (docs.shape[1] - 1) // segment_len
+    shape = (n, s, segment_len)
+    reset = np.zeros((n, s), bool)
+    reset[:, 0] = True
+    return {"tokens": docs[:, :-1].reshape(shape).astype(np.int32),
+            "targets": docs[:, 1:].reshape(shape).astype(np.int32),
+            "positions": np.broadcast_to(np.arange(s * segment_len).reshape(s, segment_len), shape).astype(np.int32),
+            "loss_mask": mask.reshape(shape).astype(np.float32), "reset": reset}
+
+
+def fit(cfg, next_batch, seed: int = 0, params=None, log_every: int = 0, label: str = "loss"):
+    """Train cfg.train.steps steps on one device with the real jitted train step (fresh optimizer state; from
+    `params` if given, else a fresh init with `seed`). next_batch(i) -> numpy batch for step i.
+
+    Returns (setup, params, last step's metrics, training seconds)."""
+    import time
+
+    from memlm import distributed
+    from memlm.train import setup as setup_lib
+
+    setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
+    params = setup_lib.init_params(setup, seed) if params is None else params
+    opt = setup_lib.init_opt_state(setup, params)
+    carry = setup_lib.init_carry(setup, params)
+    step = setup_lib.jit_train_step(setup)
+    metrics: dict = {}
+    t0 = time.perf_counter()
+    with setup.activate():
+        for i in range(cfg.train.steps):
+            batch = distributed.to_global(next_batch(i), setup.batch_sh)
+            params, opt, carry, metrics = step(params, opt, carry, batch)
+            if log_every and (i + 1) % log_every == 0:  # progress of long runs (pytest -s)
+                print(f"  step {i + 1}: {label} {float(metrics['loss']):.3f} ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+    return setup, params, metrics, time.perf_counter() - t0

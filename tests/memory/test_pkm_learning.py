@@ -28,10 +28,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memlm import distributed, sharding
+from memlm import distributed
 from memlm.config import from_dict
 from memlm.memory import pkm
 from memlm.train import setup as setup_lib
+from tests.memory.common import fit
 
 pytestmark = pytest.mark.integration
 
@@ -69,16 +70,9 @@ def train_and_eval(model: dict, table: np.ndarray, steps: int, seed: int = 0) ->
         "model": {"vocab_size": max(259, 3 + 2 * k + N_VALUES_OUT), "d_model": 32, "n_layers": 2, "n_heads": 4,
                   "d_ff": 128, "max_seq_len": 64, "dtype": "float32", "remat": "none", **model},
         "data": {"source": "synthetic", "n_segments": 1, "segment_len": 3 * FACTS_PER_SEQ}})
-    setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
-    params = setup_lib.init_params(setup, seed)
-    opt = setup_lib.init_opt_state(setup, params)
-    carry = setup_lib.init_carry(setup, params)
-    step = setup_lib.jit_train_step(setup)
     t0 = time.perf_counter()
+    setup, params, _, _ = fit(cfg, lambda i: fact_batch(table, seed * 10**5 + i), seed)
     with setup.activate():
-        for i in range(steps):
-            batch = distributed.to_global(fact_batch(table, seed * 10**5 + i), setup.batch_sh)
-            params, opt, carry, _ = step(params, opt, carry, batch)
 
         @jax.jit
         def evaluate(p, batch):

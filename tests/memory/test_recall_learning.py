@@ -27,29 +27,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memlm import distributed, sharding
 from memlm.config import from_dict
 from memlm.data.synthetic import AssociativeRecallCorpus
-from memlm.train import setup as setup_lib
+from tests.memory.common import fit, recall_batch
 
 pytestmark = pytest.mark.integration
 
 BACKBONE = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "max_seq_len": 64, "dtype": "float32",
             "remat": "none", "vocab_size": 259}
-
-
-def recall_batch(corpus: AssociativeRecallCorpus, start: int, n: int, segment_len: int) -> dict[str, np.ndarray]:
-    """Documents start..start+n-1 as one model batch: tokens/targets/positions/loss_mask [n, S, L], reset [n, S]."""
-    docs = np.stack([corpus.doc(i) for i in range(start, start + n)])
-    mask = np.stack([corpus.doc_loss_mask(i) for i in range(start, start + n)])
-    s = (docs.shape[1] - 1) // segment_len
-    shape = (n, s, segment_len)
-    reset = np.zeros((n, s), bool)
-    reset[:, 0] = True
-    return {"tokens": docs[:, :-1].reshape(shape).astype(np.int32),
-            "targets": docs[:, 1:].reshape(shape).astype(np.int32),
-            "positions": np.broadcast_to(np.arange(s * segment_len).reshape(s, segment_len), shape).astype(np.int32),
-            "loss_mask": mask.reshape(shape).astype(np.float32), "reset": reset}
 
 
 def make_cfg(model: dict, n_segments: int, segment_len: int, steps: int, lr: float, batch: int,
@@ -100,26 +85,16 @@ def train(model: dict, stages: list[tuple[int, int]], segment_len: int = 8, pair
     """
     t_start = time.perf_counter()
     params, train_s, doc, n_steps = None, 0.0, 0, 0
-    mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
     task = {"num_pairs": pairs, "num_keys": keys, "num_values": values}
     for n_seg, steps in stages:
         cfg = make_cfg(model, n_seg, segment_len, steps, lr, batch, warmup)
         corpus = AssociativeRecallCorpus(10**9, n_seg, segment_len, seed=0, **task)
-        setup = setup_lib.build_setup(cfg, mesh)
-        if params is None:
-            params = setup_lib.init_params(setup, seed)
-        opt = setup_lib.init_opt_state(setup, params)
-        carry = setup_lib.init_carry(setup, params)
-        step = setup_lib.jit_train_step(setup)
-        t0 = time.perf_counter()
-        with setup.activate():
-            for i in range(steps):
-                b = distributed.to_global(recall_batch(corpus, doc, batch, segment_len), setup.batch_sh)
-                doc += batch
-                params, opt, carry, m = step(params, opt, carry, b)
-                if log_every and (i + 1) % log_every == 0:
-                    print(f"  seg={n_seg} step {i + 1}: loss {float(m['loss']):.3f}", flush=True)
-        train_s += time.perf_counter() - t0
+        first = doc  # fresh documents: every stage continues where the last one stopped
+        setup, params, _, seconds = fit(cfg, lambda i, c=corpus, f=first: recall_batch(c, f + i * batch, batch,
+                                                                                        segment_len),
+                                        seed, params, log_every, label=f"seg={n_seg} loss")
+        doc += steps * batch
+        train_s += seconds
         n_steps += steps
     held_out = AssociativeRecallCorpus(10**9, n_seg, segment_len, seed=1, **task)
     ev = accuracy(setup, params, held_out, segment_len)

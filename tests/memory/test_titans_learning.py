@@ -31,10 +31,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memlm import distributed, sharding
 from memlm.config import from_dict
 from memlm.data.synthetic import AssociativeRecallCorpus
-from memlm.train import setup as setup_lib
+from tests.memory.common import fit, recall_batch
 
 pytestmark = pytest.mark.integration  # training runs
 
@@ -43,18 +42,6 @@ CHANCE = 1 / 16
 MAC = {"variant": "mac", "memory_depth": 1, "memory_heads": 2, "chunk_size": 8, "max_lr": 0.05,
        "num_persistent": 4}
 NO_MEMORY = {**MAC, "memory_layers": []}
-
-
-def recall_batch(corpus: AssociativeRecallCorpus, start: int, n: int) -> dict[str, np.ndarray]:
-    """Documents start .. start+n-1 as one batch [n, N_SEG, SEG] (one document per row)."""
-    docs = np.stack([corpus.doc(i) for i in range(start, start + n)])
-    mask = np.stack([corpus.doc_loss_mask(i) for i in range(start, start + n)])
-    shape = (n, N_SEG, SEG)
-    reset = np.zeros((n, N_SEG), bool)
-    reset[:, 0] = True
-    return {"tokens": docs[:, :-1].reshape(shape), "targets": docs[:, 1:].reshape(shape),
-            "positions": np.broadcast_to(np.arange(N_SEG * SEG, dtype=np.int32), (n, N_SEG * SEG)).reshape(shape),
-            "loss_mask": mask.reshape(shape), "reset": reset}
 
 
 def train_and_eval(titans: dict, steps: int, seed: int = 0, n_eval: int = 256) -> dict:
@@ -68,27 +55,18 @@ def train_and_eval(titans: dict, steps: int, seed: int = 0, n_eval: int = 256) -
         "data": {"source": "synthetic", "n_segments": N_SEG, "segment_len": SEG}})
     train = AssociativeRecallCorpus(10**9, N_SEG, SEG, num_pairs=PAIRS, seed=seed)  # fresh documents per step
     held_out = AssociativeRecallCorpus(n_eval, N_SEG, SEG, num_pairs=PAIRS, seed=10**6 + seed)
-    setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
-    params = setup_lib.init_params(setup, seed)
-    opt = setup_lib.init_opt_state(setup, params)
-    carry = setup_lib.init_carry(setup, params)
-    step = setup_lib.jit_train_step(setup)
     t0 = time.perf_counter()
+    setup, params, metrics, train_s = fit(cfg, lambda i: recall_batch(train, i * BATCH, BATCH, SEG), seed,
+                                          log_every=250, label="recall loss")
+    loss = float(metrics["loss"])
     with setup.activate():
-        for i in range(steps):
-            batch = distributed.to_global(recall_batch(train, i * BATCH, BATCH), setup.batch_sh)
-            params, opt, carry, metrics = step(params, opt, carry, batch)
-            if (i + 1) % 250 == 0:  # progress of the long run (pytest -s)
-                print(f"  step {i + 1}: recall loss {float(metrics['loss']):.3f} ({time.perf_counter() - t0:.0f} s)")
-        loss = float(metrics["loss"])
-        train_s = time.perf_counter() - t0
 
         gd = setup.graphdef
         seg = jax.jit(lambda p, c, t: nnx.merge(gd, p).segment_logits(c, t))
         init = jax.jit(lambda p: nnx.merge(gd, p).init_carry(64))
         hits = total = 0
         for s in range(0, n_eval, 64):
-            b = recall_batch(held_out, s, 64)
+            b = recall_batch(held_out, s, 64, SEG)
             c = init(params)
             for j in range(N_SEG):  # stream: segment 0 is written into the memory, segment 1 reads it
                 logits, c = seg(params, c, jnp.asarray(b["tokens"][:, j]))
