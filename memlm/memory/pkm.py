@@ -31,7 +31,8 @@ Sharding: V is split over the mesh axis that RULES give the logical name `pkm_va
 `value_sharding: columns` annotates V as ("pkm_values", "pkm_value_dim"), i.e. its embedding columns are split
 (the paper's memory-parallel group); `rows` swaps the two names, so its rows are split. When that mesh axis has
 more than one device the lookup runs under `jax.shard_map` (`pkm_lookup_sharded`), tokens sharded like the
-batch; otherwise the plain `pkm_lookup` (Pallas kernel on GPU/TPU, XLA on CPU) under GSPMD.
+batch; otherwise the plain `pkm_lookup` (Mosaic kernel on TPU, XLA on GPU and CPU: the Triton kernel measured
+slower than XLA on an H200, see pallas_kernels/pkm_lookup/api.py) under GSPMD.
 
 Memory health (aux -> metrics.jsonl, per memory layer l and averaged): `pkm_l{l}_used_frac` = fraction of the
 N slots selected by at least one (token, head) of the batch; `pkm_l{l}_usage_entropy` = entropy (nats) of the

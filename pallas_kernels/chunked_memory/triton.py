@@ -17,7 +17,11 @@ Split of work:
 Compiler params are Triton's (`pallas.triton.CompilerParams(num_warps=...)`): the default cuda backend of
 Pallas in jax 0.10 is Mosaic GPU, which does not lower these kernels. Real GPUs need every dimension a
 power of 2 and chunk_size, d_k, d_v >= 16 (tl.dot); other shapes raise NotImplementedError (api.py then
-falls back to XLA). `interpret=True` runs the same kernels on CPU for tests. Not yet timed on a GPU.
+falls back to XLA). `interpret=True` runs the same kernels on CPU for tests.
+Measured on an H200 (jax 0.11.2, 2026-11-26, `scripts/gpu_check.py`; BENCHMARKS.md "GPU (H200)"): output,
+final state and gradients within 3.5e-4 / 4.5e-4 relative of the float32 token loop at precision 'highest'
+(the XLA path: the same, both at TF32 matmul precision); at 4096-8192 tokens, d 64, chunk 64: 24-30x
+faster than the sequential token loop and 1.3-2.0x faster than the XLA chunked path.
 """
 from __future__ import annotations
 

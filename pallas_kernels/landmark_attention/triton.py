@@ -19,6 +19,11 @@ checks this and raises UserError.
 
 Compiler params: ``pallas.triton.CompilerParams``; without them jax 0.10's default cuda lowering is Mosaic
 GPU, which rejects these kernels (stack-notes P6 and Sec. 3).
+
+Measured on an H200 (jax 0.11.2, 2026-11-26, `scripts/gpu_check.py`; BENCHMARKS.md "GPU (H200)"): output
+and gradients equal the dense float32 reference to 3.7e-4 / 5.2e-4 relative (float32 inputs, TF32 dots;
+the XLA path gives the same) and 2.0e-3 / 3.4e-3 (bf16); 6-12x faster than the blockwise XLA path,
+forward and forward+backward, at T = 4096-16384 (113-141 TFLOP/s forward, bf16).
 """
 from __future__ import annotations
 

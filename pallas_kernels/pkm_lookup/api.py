@@ -3,9 +3,11 @@
 Memory Layers at Scale (arXiv 2412.09764, §3); product keys (Lample et al. 2019, §3.2).
 
 `implementation`:
-- None: the Pallas kernel of the default backend ('gpu' -> triton.py, 'tpu' -> tpu.py, Mosaic); on any
-  other backend, or when the kernel raises NotImplementedError for these shapes, the XLA version, with
-  one log line per distinct reason.
+- None: on TPU the Mosaic kernel (tpu.py); on GPU and CPU the XLA version. The Triton kernel is NOT the
+  GPU default because it was measured slower than XLA on an H200 (2026-11-26, `scripts/gpu_check.py`,
+  8192 tokens, 4 heads, top-32, bf16: forward 0.56-0.65x, forward+backward 0.39-0.52x of XLA's speed;
+  BENCHMARKS.md "GPU (H200)"); it stays selectable with implementation='triton'. When the kernel raises
+  NotImplementedError for these shapes the XLA version runs, with one log line per distinct reason.
 - 'xla': xla.py (production pure JAX, what CPU runs). 'reference': reference.py (dense over N; tests).
 - 'triton' / 'mosaic': that kernel or a UserError saying why it cannot run (no silent fallback when the
   caller chose). `interpret=True` runs either kernel with the Pallas interpreter on any backend.
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("xla", "triton", "mosaic", "reference")
 _BACKEND_KERNEL = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic"}
+# What implementation=None picks: the measured-faster path per backend (see the module docstring).
+_AUTO_KERNEL = {"tpu": "mosaic"}
 _logged: set[str] = set()
 
 
@@ -106,9 +110,9 @@ def pkm_lookup(
             raise UserError(f"pkm_lookup.implementation: {implementation!r} cannot run these shapes: {e}") from e
     if implementation is not None:
         raise UserError(f"pkm_lookup.implementation: {implementation!r} is not one of {IMPLEMENTATIONS} or None")
-    kernel = _BACKEND_KERNEL.get(backend)
+    kernel = _AUTO_KERNEL.get(backend)
     if kernel is None:
-        _log_once(f"pkm_lookup: no Pallas kernel for backend {backend!r}; falling back to xla")
+        _log_once(f"pkm_lookup: no faster Pallas kernel for backend {backend!r}; using xla")
         return pkm_lookup_xla(*args, top_k=top_k)
     try:
         return _run_kernel(kernel, args, top_k, interpret)

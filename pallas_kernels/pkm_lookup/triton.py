@@ -24,8 +24,11 @@ Triton needs power-of-two tensors: the per-row top-k state is padded to kp = max
 tl.dot minimum); sqrt_n, k_dim/2 and d_v must be powers of two >= 16 and sqrt_n a multiple of kp (else
 NotImplementedError, and the api falls back to XLA; interpret mode has the same limits). Tokens are
 padded to a multiple of `block_t`. Status: tested on CPU in interpret mode (forward and gradients against
-reference.py) and lowered for cuda; never compiled or run on a GPU (register pressure of the
-[block_t, kp, kp] candidate tile at k = 32 and num_warps=4 is untuned).
+reference.py) and lowered for cuda. On an H200 (jax 0.11.2, 2026-11-26, `scripts/gpu_check.py`) it is
+correct (same top-k slots as the reference on every token, output and gradients within 3e-7 relative) but
+SLOWER than xla.py: 0.56-0.65x of its speed forward and 0.39-0.52x forward+backward at 8192 tokens, 4 heads,
+top-32, N = 262k-1M, bf16 (the [block_t, kp, kp] candidate tile and num_warps=4 are untuned). So api.py's
+automatic choice on GPU is XLA; this kernel runs only when asked for (implementation='triton').
 """
 from __future__ import annotations
 

@@ -38,11 +38,11 @@ BACKBONE = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "max_seq_le
 
 
 def make_cfg(model: dict, n_segments: int, segment_len: int, steps: int, lr: float, batch: int,
-             warmup: int) -> object:
+             warmup: int, train_extra: dict | None = None) -> object:
     return from_dict({
         "run": {"dir": "/tmp/unused"},
         "train": {"steps": steps, "batch_size": batch, "lr": lr, "warmup_steps": warmup, "weight_decay": 0.0,
-                  "progress": False},
+                  "progress": False, **(train_extra or {})},
         "model": {**BACKBONE, **model},
         "data": {"source": "assoc_recall", "n_segments": n_segments, "segment_len": segment_len}})
 
@@ -78,8 +78,9 @@ def accuracy(setup, params, corpus, segment_len: int, n_docs: int = 512, batch: 
 
 def train(model: dict, stages: list[tuple[int, int]], segment_len: int = 8, pairs: int = 2, values: int = 16,
           keys: int = 16, lr: float = 3e-3, batch: int = 32, warmup: int = 50, seed: int = 0,
-          log_every: int = 0) -> dict:
+          log_every: int = 0, train_extra: dict | None = None) -> dict:
     """Train through `stages` [(n_segments, steps), ...] (a curriculum, warm-started), evaluate the last.
+    train_extra: more train.* config keys (e.g. {"min_lr_ratio": 1.0} for a constant lr after warmup).
 
     Returns {"acc", "steps", "train_s", "wall_s"}.
     """
@@ -87,7 +88,7 @@ def train(model: dict, stages: list[tuple[int, int]], segment_len: int = 8, pair
     params, train_s, doc, n_steps = None, 0.0, 0, 0
     task = {"num_pairs": pairs, "num_keys": keys, "num_values": values}
     for n_seg, steps in stages:
-        cfg = make_cfg(model, n_seg, segment_len, steps, lr, batch, warmup)
+        cfg = make_cfg(model, n_seg, segment_len, steps, lr, batch, warmup, train_extra)
         corpus = AssociativeRecallCorpus(10**9, n_seg, segment_len, seed=0, **task)
         first = doc  # fresh documents: every stage continues where the last one stopped
         setup, params, _, seconds = fit(cfg, lambda i, c=corpus, f=first: recall_batch(c, f + i * batch, batch,

@@ -249,22 +249,27 @@ def test_api_dispatch_and_single_fallback_log(caplog, monkeypatch):
         for t in (8, 9):  # two traces on CPU: no Pallas kernel -> exactly the xla computation, logged once
             args, _ = _inputs(t=t)
             assert jaxpr(api.pkm_lookup, *args, top_k=4) == jaxpr(pkm_lookup_xla, *args, top_k=4)
-    assert len([r for r in caplog.records if "falling back to xla" in r.message]) == 1
+    assert len([r for r in caplog.records if "using xla" in r.message]) == 1
     assert jaxpr(api.pkm_lookup, *args, top_k=4, implementation="reference") == jaxpr(
         pkm_lookup_reference, *args, top_k=4)
     for impl in ("triton", "mosaic", "bogus"):  # no kernel for CPU (without interpret), unknown name
         with pytest.raises(UserError, match="pkm_lookup.implementation"):
             api.pkm_lookup(*args, top_k=4, implementation=impl)
     assert "pallas_call" in jaxpr(api.pkm_lookup, *args, top_k=4, implementation="triton", interpret=True)
-    # On a GPU backend, shapes the Triton kernel cannot take (k_dim/2 = 8 < 16) fall back to xla.
-    with pytest.raises(NotImplementedError):
-        check_supported(16, 16, 16, 4)
-    (q, k1, k2, v), _ = _inputs(t=8, k_dim=16)
+    # On a GPU backend the default is xla (the Triton kernel measured slower on an H200; api docstring).
+    (q, k1, k2, v), _ = _inputs(t=8)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert jaxpr(api.pkm_lookup, q, k1, k2, v, top_k=4) == jaxpr(pkm_lookup_xla, q, k1, k2, v, top_k=4)
+    # On TPU the Mosaic kernel is the default; shapes it cannot take fall back to xla with a log line.
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(api, "_run_kernel", lambda *a: (_ for _ in ()).throw(NotImplementedError("shape")))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=api.__name__):
         assert jaxpr(api.pkm_lookup, q, k1, k2, v, top_k=4) == jaxpr(pkm_lookup_xla, q, k1, k2, v, top_k=4)
-    assert [r.message for r in caplog.records if "triton kernel unavailable" in r.message]
+    assert [r.message for r in caplog.records if "mosaic kernel unavailable" in r.message]
+    # The Triton kernel's own limits (k_dim/2 = 8 < 16) still raise for an explicit choice.
+    with pytest.raises(NotImplementedError):
+        check_supported(16, 16, 16, 4)
 
 
 def test_bf16_values_keep_dtypes():

@@ -1,0 +1,435 @@
+#!/usr/bin/env python
+"""GPU check: the compiled Pallas (Triton) kernels against their references, then timings, in ONE run.
+
+Meant for a lent GPU machine, where device time is short: every section is independent (an error in one
+is recorded and the next runs), sections after `--deadline` seconds are skipped, and the JSON is
+rewritten after each section so a killed run still leaves its results.
+
+    PYTHONUNBUFFERED=1 python scripts/gpu_check.py --out gpu_out/gpu_check.json [--deadline 420]
+
+Correctness: relative error ||out - ref|| / ||ref|| (and the same for the gradients of a random linear
+functional of the output), computed in float64 numpy, with fresh random inputs per check. The
+reference is the slow obvious form (token loop / dense T x T / brute-force top-k) at matmul precision
+'highest'; the XLA path is scored against the same reference, so kernel and XLA error can be compared.
+Timings: median wall time (ms) of compiled calls after a warm-up, compile time excluded; ratios are
+taken against a baseline timed in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+HIGHEST = "highest"
+INTERPRET = False  # --smoke: run the Pallas kernels in interpret mode at small shapes (CPU check of this script)
+SMOKE = False
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def all_finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x, np.float64)))) for x in jax.tree.leaves(tree))
+
+
+def median_ms(fn, args, iters: int = 20) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm-up, excluded
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def value_and_grads(fn, args, argnums, cot):
+    """out and d<out, cot>/d args[argnums], jitted."""
+    def loss(*a):
+        out = fn(*a)
+        out = out[0] if isinstance(out, tuple) else out
+        return jnp.sum(out.astype(jnp.float32) * cot), out
+
+    g = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))
+    grads, out = g(*args)
+    return out, grads
+
+
+# --------------------------------------------------------------------------------------- sections
+def section_env() -> dict:
+    import flax
+    import optax
+
+    dev = jax.devices()[0]
+    return dict(jax=jax.__version__, flax=flax.__version__, optax=optax.__version__, backend=jax.default_backend(),
+                device=str(dev), device_kind=getattr(dev, "device_kind", "?"))
+
+
+def _chunked_inputs(B, T, d, seed):
+    from pallas_kernels.chunked_memory.bench import make_inputs
+
+    return make_inputs(T, d, B, depth=1, seed=seed)
+
+
+def section_chunked_correct() -> dict:
+    from pallas_kernels.chunked_memory.reference import chunked_memory_reference
+    from pallas_kernels.chunked_memory.triton import chunked_memory_triton
+    from pallas_kernels.chunked_memory.xla import chunked_memory_xla
+
+    out = {}
+    shapes = [(4, 256, 64, 16, False), (4, 512, 64, 64, True), (2, 256, 128, 32, False)]
+    for seed, (B, T, d, b, after) in enumerate([(2, 64, 16, 16, True)] if SMOKE else shapes):
+        q, k, v, th, eta, al, params, mom = _chunked_inputs(B, T, d, seed)
+        kw = dict(chunk_size=b, retrieve_after_update=after)
+        cot = jnp.asarray(np.random.default_rng(100 + seed).normal(size=(B, T, d)), jnp.float32)
+        args = (q, k, v, th, eta, al, params[0], mom[0])
+
+        def wrap(f, kw=kw, **extra):
+            def call(*xs):  # q, k, v, theta, eta, alpha, W, S with the memory state as single arrays
+                return f(*xs[:6], (xs[6],), (xs[7],), **kw, **extra)
+            return call
+
+        argnums = (0, 1, 2, 3, 4, 5, 6)
+        with jax.default_matmul_precision(HIGHEST):
+            y_ref, g_ref = value_and_grads(wrap(chunked_memory_reference), args, argnums, cot)
+            fwd_ref = jax.jit(wrap(chunked_memory_reference))(*args)
+        res = {}
+        impls = (("triton", wrap(chunked_memory_triton, interpret=INTERPRET)), ("xla", wrap(chunked_memory_xla)))
+        for name, f in impls:
+            y, g = value_and_grads(f, args, argnums, cot)
+            fwd = jax.jit(f)(*args)
+            res[name] = dict(
+                y=rel(y, y_ref), W_final=rel(fwd[1][0], fwd_ref[1][0]), S_final=rel(fwd[2][0], fwd_ref[2][0]),
+                grads=max(rel(a, r) for a, r in zip(g, g_ref)), finite=all_finite((y, g, fwd)))
+        out[f"B{B}_T{T}_d{d}_chunk{b}_after{int(after)}"] = res
+    return out
+
+
+def section_landmark_correct() -> dict:
+    from pallas_kernels.landmark_attention.reference import landmark_attention_reference
+    from pallas_kernels.landmark_attention.triton import landmark_attention_triton
+    from pallas_kernels.landmark_attention.xla import landmark_attention_xla
+
+    out = {}
+    shapes = [(2, 4, 1024, 64, 64, jnp.float32), (2, 4, 1024, 128, 32, jnp.float32), (2, 4, 2048, 64, 64, jnp.bfloat16)]
+    for seed, (B, H, T, D, L, dt) in enumerate([(1, 2, 64, 16, 16, jnp.float32)] if SMOKE else shapes):
+        r = np.random.default_rng(seed)
+        q, k, v = (jnp.asarray(r.normal(size=(B, H, T, D)), dt) for _ in range(3))
+        cot = jnp.asarray(r.normal(size=(B, H, T, D)), jnp.float32)
+        with jax.default_matmul_precision(HIGHEST):
+            ref32 = lambda q, k, v, L=L: landmark_attention_reference(  # noqa: E731
+                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), block_size=L)
+            o_ref, g_ref = value_and_grads(ref32, (q, k, v), (0, 1, 2), cot)
+        res = {}
+        triton_fn = functools.partial(landmark_attention_triton, interpret=INTERPRET)
+        for name, f in (("triton", triton_fn), ("xla", landmark_attention_xla)):
+            o, g = value_and_grads(lambda q, k, v, f=f, L=L: f(q, k, v, block_size=L), (q, k, v), (0, 1, 2), cot)
+            res[name] = dict(out=rel(o, o_ref), grads=max(rel(a, r_) for a, r_ in zip(g, g_ref)),
+                             finite=all_finite((o, g)))
+        out[f"B{B}_H{H}_T{T}_D{D}_L{L}_{jnp.dtype(dt).name}"] = res
+    return out
+
+
+def _pkm_inputs(t, h, k_dim, sqrt_n, d_v, seed, dt=jnp.float32):
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.normal(size=(t, h, k_dim)), dt)
+    k1 = jnp.asarray(r.normal(size=(h, sqrt_n, k_dim // 2)) / np.sqrt(k_dim), dt)
+    k2 = jnp.asarray(r.normal(size=(h, sqrt_n, k_dim // 2)) / np.sqrt(k_dim), dt)
+    v = jnp.asarray(r.normal(size=(sqrt_n * sqrt_n, d_v)), dt)
+    return q, k1, k2, v
+
+
+def section_pkm_correct() -> dict:
+    from pallas_kernels.pkm_lookup.reference import pkm_lookup_reference
+    from pallas_kernels.pkm_lookup.triton import pkm_lookup_triton
+    from pallas_kernels.pkm_lookup.xla import pkm_lookup_xla
+
+    out = {}
+    shapes = [(512, 4, 64, 128, 128, 32), (300, 2, 32, 64, 64, 8)]
+    for seed, (t, h, k_dim, sqrt_n, d_v, top_k) in enumerate([(20, 2, 32, 16, 16, 4)] if SMOKE else shapes):
+        q, k1, k2, v = _pkm_inputs(t, h, k_dim, sqrt_n, d_v, seed)
+        cot = jnp.asarray(np.random.default_rng(50 + seed).normal(size=(t, d_v)), jnp.float32)
+        with jax.default_matmul_precision(HIGHEST):
+            ref_fn = functools.partial(pkm_lookup_reference, top_k=top_k)
+            ref = jax.jit(ref_fn)(q, k1, k2, v)
+            _, g_ref = value_and_grads(ref_fn, (q, k1, k2, v), (0, 1, 2, 3), cot)
+        res = {}
+        for name, f in (("triton", functools.partial(pkm_lookup_triton, interpret=INTERPRET, top_k=top_k)),
+                        ("xla", functools.partial(pkm_lookup_xla, top_k=top_k))):
+            got = jax.jit(f)(q, k1, k2, v)
+            _, g = value_and_grads(f, (q, k1, k2, v), (0, 1, 2, 3), cot)
+            # Top-k membership can flip on near-ties under a different summation order: report how many
+            # tokens chose exactly the reference's slots, and score out/grads on all tokens anyway.
+            same = np.all(np.sort(np.asarray(got[1]), -1) == np.sort(np.asarray(ref[1]), -1), axis=(1, 2))
+            res[name] = dict(tokens_same_slots=float(same.mean()), out=rel(got[0], ref[0]),
+                             out_same_slot_tokens=rel(np.asarray(got[0])[same], np.asarray(ref[0])[same]),
+                             grads=max(rel(a, r_) for a, r_ in zip(g, g_ref)), finite=all_finite((got[0], g)))
+        out[f"t{t}_h{h}_k{k_dim}_sqrtn{sqrt_n}_dv{d_v}_top{top_k}"] = res
+    return out
+
+
+def section_chunked_time() -> dict:
+    from pallas_kernels.chunked_memory.reference import chunked_memory_reference
+    from pallas_kernels.chunked_memory.triton import chunked_memory_triton
+    from pallas_kernels.chunked_memory.xla import chunked_memory_xla
+
+    out = {}
+    for B, T, d, b in [(2, 64, 16, 16)] if SMOKE else [(32, 4096, 64, 64), (64, 8192, 64, 64)]:
+        args = _chunked_inputs(B, T, d, 0)
+        fns = {"sequential": chunked_memory_reference, "xla_chunked": chunked_memory_xla,
+               "triton": functools.partial(chunked_memory_triton, interpret=INTERPRET)}
+        row = {}
+        for name, f in fns.items():
+            fwd = jax.jit(lambda *a, f=f, b=b: f(*a, chunk_size=b)[0])
+
+            def fb(*a, f=f, b=b):
+                return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, *a[3:], chunk_size=b)[0]), (0, 1, 2))(*a[:3])
+
+            row[f"{name}_fwd_ms"] = median_ms(fwd, args, 10)
+            row[f"{name}_fwd_bwd_ms"] = median_ms(jax.jit(fb), args, 10)
+        for ph in ("fwd", "fwd_bwd"):
+            row[f"sequential_over_triton_{ph}"] = row[f"sequential_{ph}_ms"] / row[f"triton_{ph}_ms"]
+            row[f"sequential_over_xla_{ph}"] = row[f"sequential_{ph}_ms"] / row[f"xla_chunked_{ph}_ms"]
+            row[f"xla_over_triton_{ph}"] = row[f"xla_chunked_{ph}_ms"] / row[f"triton_{ph}_ms"]
+        out[f"B{B}_T{T}_d{d}_chunk{b}"] = row
+    return out
+
+
+def section_landmark_time() -> dict:
+    from pallas_kernels.landmark_attention.reference import landmark_attention_reference
+    from pallas_kernels.landmark_attention.triton import landmark_attention_triton
+    from pallas_kernels.landmark_attention.xla import landmark_attention_xla
+
+    out = {}
+    for B, H, T, D, L in [(1, 2, 64, 16, 16)] if SMOKE else [(4, 8, 4096, 64, 64), (1, 8, 16384, 128, 64)]:
+        r = np.random.default_rng(0)
+        q, k, v = (jnp.asarray(r.normal(size=(B, H, T, D)), jnp.bfloat16) for _ in range(3))
+        fns = {"triton": functools.partial(landmark_attention_triton, interpret=INTERPRET),
+               "xla": landmark_attention_xla}
+        if T <= 4096:
+            fns["dense_reference"] = landmark_attention_reference
+        row = {}
+        for name, f in fns.items():
+            fwd = jax.jit(lambda q, k, v, f=f, L=L: f(q, k, v, block_size=L))
+            fb = jax.jit(jax.grad(lambda q, k, v, f=f, L=L: jnp.sum(f(q, k, v, block_size=L).astype(jnp.float32)),
+                                  (0, 1, 2)))
+            row[f"{name}_fwd_ms"] = median_ms(fwd, (q, k, v))
+            row[f"{name}_fwd_bwd_ms"] = median_ms(fb, (q, k, v))
+        for ph in ("fwd", "fwd_bwd"):
+            row[f"xla_over_triton_{ph}"] = row[f"xla_{ph}_ms"] / row[f"triton_{ph}_ms"]
+            if "dense_reference" in fns:
+                row[f"dense_over_triton_{ph}"] = row[f"dense_reference_{ph}_ms"] / row[f"triton_{ph}_ms"]
+        # causal-attention FLOPs (QK^T and PV, half the square): a rate to compare with the bf16 ceiling
+        flops = 2 * 2 * B * H * T * T * D / 2
+        row["triton_fwd_tflops"] = flops / (row["triton_fwd_ms"] * 1e-3) / 1e12
+        out[f"B{B}_H{H}_T{T}_D{D}_L{L}_bf16"] = row
+    return out
+
+
+def section_pkm_time() -> dict:
+    from pallas_kernels.pkm_lookup.triton import pkm_lookup_triton
+    from pallas_kernels.pkm_lookup.xla import pkm_lookup_xla
+
+    out = {}
+    for t, h, k_dim, sqrt_n, d_v, top_k in ([(32, 2, 32, 16, 16, 4)] if SMOKE else
+                                            [(8192, 4, 128, 512, 512, 32), (8192, 4, 128, 1024, 1024, 32)]):
+        args = _pkm_inputs(t, h, k_dim, sqrt_n, d_v, 0, jnp.bfloat16)
+        row = {}
+        for name, f in (("triton", functools.partial(pkm_lookup_triton, interpret=INTERPRET, top_k=top_k)),
+                        ("xla", functools.partial(pkm_lookup_xla, top_k=top_k))):
+            fwd = jax.jit(lambda *a, f=f: f(*a)[0])
+            fb = jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a)[0].astype(jnp.float32)), (0, 1, 2, 3)))
+            row[f"{name}_fwd_ms"] = median_ms(fwd, args)
+            row[f"{name}_fwd_bwd_ms"] = median_ms(fb, args)
+        for ph in ("fwd", "fwd_bwd"):
+            row[f"xla_over_triton_{ph}"] = row[f"xla_{ph}_ms"] / row[f"triton_{ph}_ms"]
+        out[f"t{t}_h{h}_k{k_dim}_N{sqrt_n * sqrt_n}_dv{d_v}_top{top_k}_bf16"] = row
+    return out
+
+
+GPU_MODEL = "model.d_model=512;model.n_heads=8;model.n_kv_heads=8;model.d_ff=1536;model.n_layers=4;" \
+            "model.dtype=bfloat16;train.batch_size=16"
+
+
+def section_model_compare() -> dict:
+    """Train-step time per token of each memory model against the baseline, in one process, round-robin."""
+    sys.argv = ["bench.py"]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(os.path.dirname(__file__), "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    configs = [("configs/tiny/baseline.yaml", "model.segment_local=true"), ("configs/tiny/rmt.yaml", ""),
+               ("configs/tiny/hmt.yaml", ""), ("configs/tiny/lm2.yaml", ""), ("configs/tiny/titans_mag.yaml", "")]
+    model, sizes = (("train.batch_size=2", [(64, 2)]) if SMOKE else (GPU_MODEL, [(512, 4)]))
+    out = {}
+    for seg, n in sizes:
+        benches = []
+        for path, extra in configs:
+            ov = [o for o in (model + ";" + extra).split(";") if o]
+            try:
+                benches.append(bench._Bench(path, ov, seg, n))
+            except Exception as e:  # one config failing to build must not lose the others
+                out[f"{path}:{extra}@{seg}x{n}"] = dict(error=f"{type(e).__name__}: {e}"[:400])
+        for _ in range(3):
+            for b in benches:
+                b.run(5)
+        base = benches[0].result()
+        for b in benches:
+            r = b.result()
+            key = f"{b.path}:{';'.join(b.overrides[len(model.split(';')):])}@{seg}x{n}"
+            out[key] = dict(step_ms=r["step_s"] * 1e3, tokens_per_sec=r["tokens_per_sec"],
+                            compile_s=r.get("compile_s"),
+                            time_per_token_vs_segment_local=r["sec_per_token"] / base["sec_per_token"])
+    return out
+
+
+RECALL_BACKBONE = {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 512}
+MAC = {"variant": "mac", "memory_depth": 1, "memory_heads": 2, "chunk_size": 8, "max_lr": 0.05, "num_persistent": 4}
+RECALL_RUNS = {  # name: (model, stages [(n_segments, steps)], segment_len, lr)
+    "rmt": ({"kind": "rmt", "rmt": {"num_mem_tokens": 8}}, [(2, 500), (3, 2500)], 8, 1e-3),
+    "hmt": ({"kind": "hmt", "hmt": {"num_sensory": 8, "cache_size": 4, "recall_dim": 64}}, [(2, 300), (3, 2500)], 8,
+            1e-3),
+    "lm2": ({"kind": "lm2", "lm2": {"num_slots": 8, "num_heads": 4}}, [(3, 3000)], 8, 2e-3),
+    "titans_mac": ({"kind": "titans", "titans": MAC}, [(2, 3000)], 16, 3e-3),
+}
+
+
+def section_recall() -> dict:
+    """Associative recall (tests/memory/test_recall_learning.py's task and evaluation) with a larger backbone
+    than the CPU tests use, to see whether the ~75% "set, not binding" plateau is a capacity limit."""
+    from tests.memory import test_recall_learning as trl
+
+    trl.BACKBONE.update(RECALL_BACKBONE)
+    out = {"backbone": dict(trl.BACKBONE), "batch": 64}
+    runs = {"rmt": ({"kind": "rmt", "rmt": {"num_mem_tokens": 8}}, [(2, 20), (3, 20)], 8, 1e-3)} if SMOKE \
+        else RECALL_RUNS
+    for name, (model, stages, seg, lr) in runs.items():
+        t0 = time.perf_counter()
+        try:
+            r = trl.train(model, stages, segment_len=seg, lr=lr, batch=64)
+            out[name] = dict(acc=r["acc"], per_answer=r["per_answer"], stages=stages, lr=lr,
+                             train_s=round(r["train_s"], 1), wall_s=round(time.perf_counter() - t0, 1))
+        except Exception as e:
+            out[name] = dict(error=f"{type(e).__name__}: {e}"[:400])
+        print(f"recall {name}: {out[name]}", flush=True)
+    return out
+
+
+# Long recall runs, several at once: each job is its own process (tiny models leave the GPU mostly idle, so
+# concurrent processes fill it). name: (model, stages, segment_len, pairs, lr, min_lr_ratio)
+RECALL_JOBS = {
+    "rmt_cosine_lr1e-3": ({"kind": "rmt", "rmt": {"num_mem_tokens": 8}}, [(2, 1000), (3, 5000)], 8, 2, 1e-3, 0.1),
+    "rmt_const_lr3e-3": ({"kind": "rmt", "rmt": {"num_mem_tokens": 8}}, [(2, 1000), (3, 5000)], 8, 2, 3e-3, 1.0),
+    "hmt_const_lr1e-3": ({"kind": "hmt", "hmt": {"num_sensory": 8, "cache_size": 4, "recall_dim": 64}},
+                         [(2, 1000), (3, 5000)], 8, 2, 1e-3, 1.0),
+    "lm2_const_lr3e-3": ({"kind": "lm2", "lm2": {"num_slots": 8, "num_heads": 4}}, [(3, 6000)], 8, 2, 3e-3, 1.0),
+    "mac_const_lr3e-3": ({"kind": "titans", "titans": MAC}, [(2, 4000)], 16, 2, 3e-3, 1.0),
+}
+RECALL_JOB_SECONDS = 185.0
+
+
+def recall_job(name: str) -> None:
+    """One long recall run (the CI backbone: d_model 64, 2 layers; batch 64); prints a JSON line."""
+    from tests.memory import test_recall_learning as trl
+
+    model, stages, seg, pairs, lr, min_lr = RECALL_JOBS[name]
+    if SMOKE:
+        stages = [(n, 10) for n, _ in stages]
+    t0 = time.perf_counter()
+    r = trl.train(model, stages, segment_len=seg, pairs=pairs, lr=lr, batch=64, log_every=500,
+                  train_extra={"min_lr_ratio": min_lr})
+    print("RESULT " + json.dumps(dict(job=name, acc=r["acc"], per_answer=r["per_answer"], steps=r["steps"],
+                                      train_s=round(r["train_s"], 1), wall_s=round(time.perf_counter() - t0, 1))),
+          flush=True)
+
+
+def section_recall_long() -> dict:
+    import subprocess
+
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    procs = {n: subprocess.Popen([sys.executable, __file__, "--recall-job", n] + (["--smoke"] if SMOKE else []),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for n in RECALL_JOBS}
+    deadline = time.perf_counter() + RECALL_JOB_SECONDS
+    out = {}
+    for n, p in procs.items():
+        try:
+            text, _ = p.communicate(timeout=max(1.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            text, _ = p.communicate()
+            text += "\nKILLED at the deadline"
+        lines = [ln for ln in text.splitlines() if ln.startswith(("RESULT", "  step", "KILLED", "Traceback"))
+                 or "Error" in ln]
+        res = [json.loads(ln[7:]) for ln in lines if ln.startswith("RESULT")]
+        out[n] = dict(result=res[0] if res else None, log=[ln.strip() for ln in lines if not ln.startswith("RESULT")])
+        print(f"recall_long {n}: {json.dumps(out[n])}", flush=True)
+    return out
+
+
+SECTIONS = {
+    "env": section_env,
+    "chunked_correct": section_chunked_correct,
+    "landmark_correct": section_landmark_correct,
+    "pkm_correct": section_pkm_correct,
+    "chunked_time": section_chunked_time,
+    "landmark_time": section_landmark_time,
+    "pkm_time": section_pkm_time,
+    "recall": section_recall,
+    "recall_long": section_recall_long,
+    "model_compare": section_model_compare,
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="gpu_out/gpu_check.json")
+    p.add_argument("--deadline", type=float, default=420.0, help="skip sections that start after this many s")
+    p.add_argument("--only", default="", help="comma-separated section names (default: all)")
+    p.add_argument("--smoke", action="store_true", help="CPU check of this script: interpreted kernels, small shapes")
+    p.add_argument("--recall-job", default="", help=argparse.SUPPRESS)  # internal: one RECALL_JOBS run
+    a = p.parse_args()
+    global INTERPRET, SMOKE
+    INTERPRET = SMOKE = a.smoke
+    if a.recall_job:
+        recall_job(a.recall_job)
+        return 0
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    names = [s for s in a.only.split(",") if s] or list(SECTIONS)
+    results: dict = {}
+    t_start = time.perf_counter()
+    for name in names:
+        if time.perf_counter() - t_start > a.deadline:
+            results[name] = {"skipped": "deadline"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            results[name] = SECTIONS[name]()
+        except Exception as e:
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:2000],
+                             "traceback": traceback.format_exc()[-3000:]}
+        results[name + "_seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"== {name} ({results[name + '_seconds']} s) {json.dumps(results[name], default=str)}",
+              flush=True)
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""scripts/gpu_check.py (the one-run GPU check) keeps working: its --smoke mode runs the same sections on CPU
+with interpreted kernels and small shapes. The numbers it prints on a GPU are in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_gpu_check_smoke_runs_and_kernels_agree(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--smoke",
+                           "--only", "env,landmark_correct,pkm_correct", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["env"]["backend"] == "cpu"
+    for section in ("landmark_correct", "pkm_correct"):
+        assert "error" not in res[section], res[section]
+        for shape, by_impl in res[section].items():
+            for impl, r in by_impl.items():  # interpreted kernel and XLA vs the float32 reference, on CPU
+                assert r["finite"] and r["out"] < 1e-5 and r["grads"] < 1e-5, (section, shape, impl, r)
