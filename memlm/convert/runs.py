@@ -97,6 +97,29 @@ def _memory_names(names, m) -> list[str]:
     return sorted(set(names) - hf_lib.backbone_names(m))
 
 
+def plain_backbone(m, flat: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str], str]:
+    """(the plain decoder's flat tensors, the memory tensors' names, a README note) for an HF export.
+
+    Kinds that lay the decoder out differently (memory_layers, titans) give `plain_names` in their module:
+    their layers are renamed back to `decoder.blocks.{i}`, and the FFN of layers that have none (memory
+    layers) is filled with zeros. Memory tensors keep their own names (memory.safetensors)."""
+    from memlm.models.lm import memory_module
+
+    hook = getattr(memory_module(m.kind), "plain_names", None)
+    if hook is None:
+        return flat, _memory_names(flat, m), ""
+    rename, zero_ffn, note = hook(m, list(flat))
+    backbone = hf_lib.backbone_names(m)
+    plain = {rename.get(n, n): x for n, x in flat.items() if rename.get(n, n) in backbone}
+    memory = sorted(n for n in flat if rename.get(n, n) not in backbone)
+    dtype = next(iter(flat.values())).dtype
+    zero_prefixes = tuple(f"decoder.blocks.{i}.mlp." for i in zero_ffn)
+    for s in hf_lib.specs(m):
+        if all(n.startswith(zero_prefixes) and n not in plain for n in s.memlm):
+            plain.update(hf_lib.to_memlm(s, np.zeros(s.hf_shape, dtype), m.padded_vocab))
+    return plain, memory, note
+
+
 # ---- export -------------------------------------------------------------------------------------------------
 def load_run_params(run: str, step: int | None):
     """(config, step, params on one device) of a run dir's checkpoint (latest unless `step`)."""
@@ -115,7 +138,7 @@ def load_run_params(run: str, step: int | None):
     return cfg, step, params
 
 
-def _readme(cfg, step: int, memory: list[str], tokenizer_note: str) -> str:
+def _readme(cfg, step: int, memory: list[str], tokenizer_note: str, layout_note: str = "") -> str:
     m = cfg.model
     cls = "GPT2LMHeadModel" if m.arch == "gpt2" else "LlamaForCausalLM"
     lines = [
@@ -130,6 +153,7 @@ def _readme(cfg, step: int, memory: list[str], tokenizer_note: str) -> str:
         "",
         f"`{MEMLM_YAML}` is the full memlm config of the run. {tokenizer_note}",
         "",
+        *([layout_note, ""] if layout_note else []),
     ]
     if memory:
         lines += [
@@ -177,13 +201,13 @@ def export_run(run: str, fmt: str, out: str, step: int | None = None, dtype: str
     files: dict[str, bytes] = {}
     if fmt == "hf":
         m = cfg.model
-        backbone = hf_lib.backbone_tensors(m, flat)
-        memory = _memory_names(flat, m)
+        plain, memory, layout_note = plain_backbone(m, flat)
+        backbone = hf_lib.backbone_tensors(m, plain)
         tok_files, note = _tokenizer_files(cfg)
         eos = 50256 if cfg.data.tokenizer == "gpt2" else None
         files["config.json"] = json.dumps(hf_lib.config_json(m, dtype, eos), indent=2).encode()
         files[MEMLM_YAML] = config_lib.to_yaml(cfg).encode()
-        files["README.md"] = _readme(cfg, step, memory, note).encode()
+        files["README.md"] = _readme(cfg, step, memory, note, layout_note).encode()
         files.update(tok_files)
     tmp = _tmp_sibling(out)
     try:

@@ -78,6 +78,26 @@ def from_plain_backbone(cfg, flat: dict) -> tuple[dict, list[str]]:
     return out, []
 
 
+def plain_names(cfg, names) -> tuple[dict[str, str], list[int], str]:
+    """For `memlm export --format hf` (the inverse of from_plain_backbone): memlm flat name -> the plain
+    decoder's name (`decoder.blocks.{j}` / `decoder.plain_blocks.{j}` -> `decoder.blocks.{i}`); no layer loses
+    its FFN; and a note for the export's README."""
+    mem = set(_check(cfg))
+    layer = {("blocks" if i in mem else "plain_blocks", sum(1 for g in range(i) if (g in mem) == (i in mem))): i
+             for i in range(cfg.n_layers)}
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        if parts[0] == "decoder" and len(parts) > 3 and parts[1] in ("blocks", "plain_blocks") and parts[2].isdigit():
+            out[name] = ".".join(["decoder", "blocks", str(layer[(parts[1], int(parts[2]))]), *parts[3:]])
+    tc = cfg.titans
+    note = (f"The Hugging Face model holds Titans-{tc.variant.upper()}'s attention, norms and FFN weights but runs "
+            "them as a plain decoder with full causal attention: the neural memory, the persistent tokens, the "
+            "gates and Titans' attention pattern (MAC: per segment; MAG: a sliding window of "
+            f"{tc.window}) are not part of it.")
+    return out, [], note
+
+
 class TitansDecoder(Decoder):
     """The baseline Decoder's embedding / final norm / head; `blocks` = the memory layers (stacked), and
     `plain_blocks` = the layers without memory when titans.memory_layers is a strict subset."""

@@ -100,3 +100,71 @@ def test_titans_on_an_imported_backbone(tmp_path, arch, variant):
     p_run, p_plain = run_params(run), run_params(plain)
     for name in ("decoder.embedding", "decoder.final_norm.scale"):
         np.testing.assert_array_equal(p_run[name], p_plain[name])
+
+
+# ---- export back to the Hugging Face layout -------------------------------------------------------------------
+def _same_params(a: dict, b: dict, vocab: int) -> None:
+    """Identical flat parameters; vocab padding (dropped by an HF export, zeroed by an import) is not compared."""
+    assert sorted(a) == sorted(b)
+    for k in a:
+        x, y = a[k], b[k]
+        if k in ("decoder.embedding", "decoder.lm_head.kernel"):
+            axis = 0 if k == "decoder.embedding" else 1
+            x, y = np.take(x, range(vocab), axis=axis), np.take(y, range(vocab), axis=axis)
+        np.testing.assert_array_equal(x, y, err_msg=k)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_memory_layers_export_hf(tmp_path, arch):
+    """memory_layers -> hf: the memory layers' FFN are zeros, so transformers' logits equal the memlm model with
+    the memory's output zeroed; the memory goes to memory.safetensors and `memlm import hf` restores the run."""
+    from memlm.convert import safetensors_io as st
+
+    src = MAKERS[arch](str(tmp_path / "hf"))
+    run = str(tmp_path / "run")
+    runs.import_hf(src, run, [*FAST, *MEMORY])
+    out = str(tmp_path / "export")
+    runs.export_run(run, "hf", out)
+    backbone, _ = st.read(f"{out}/model.safetensors")
+    ffn = "model.layers.1.mlp.down_proj.weight" if arch == "llama" else "transformer.h.1.mlp.c_proj.weight"
+    assert not backbone[ffn].any() and backbone[ffn.replace(".1.", ".0.")].any()
+    memory, _ = st.read(f"{out}/memory.safetensors")
+    assert "values" in memory and not any(".mlp." in n for n in memory)
+    assert "product-key memory replaces their FFN" in open(f"{out}/README.md").read()
+
+    tokens = np.random.default_rng(2).integers(0, 300, (2, 40))
+    lm = memlm.load(run)
+
+    def silence(path, x):
+        names = [str(getattr(p, "key", p)) for p in path]
+        return jnp.zeros_like(x) if "memory" in names and "w2" in names else x
+
+    lm._params = jax.tree_util.tree_map_with_path(silence, lm._params)
+    diff = float(np.abs(lm.logits(tokens) - torch_logits(out, tokens)).max())
+    assert diff < 1e-4, diff
+
+    back = str(tmp_path / "back")
+    runs.import_hf(out, back)
+    _same_params(run_params(run), run_params(back), 300)
+
+
+@pytest.mark.parametrize("arch,variant", [("llama", "mac"), ("gpt2", "mag")])
+def test_titans_export_hf(tmp_path, arch, variant):
+    """titans -> hf: every backbone tensor goes back to its own layer (an untrained import exports the source
+    model's weights, so transformers gives the source's logits); memory and persistent tokens go to
+    memory.safetensors, and `memlm import hf` restores identical parameters."""
+    from memlm.convert import safetensors_io as st
+
+    src = MAKERS[arch](str(tmp_path / "hf"))
+    run = str(tmp_path / "run")
+    runs.import_hf(src, run, [*FAST, *TITANS, f"model.titans.variant={variant}", "model.titans.memory_layers=[1]"])
+    out = str(tmp_path / "export")
+    runs.export_run(run, "hf", out)
+    tokens = np.random.default_rng(3).integers(0, 300, (2, 32))
+    assert float(np.abs(torch_logits(out, tokens) - torch_logits(src, tokens)).max()) < 1e-5
+    memory, _ = st.read(f"{out}/memory.safetensors")
+    assert memory and all(".mlp." not in n and ".attn." not in n for n in memory)
+    assert "full causal attention" in open(f"{out}/README.md").read()
+    back = str(tmp_path / "back")
+    runs.import_hf(out, back)
+    _same_params(run_params(run), run_params(back), 300)
