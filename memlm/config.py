@@ -333,6 +333,12 @@ class Config(_Strict):
         if m.kind == "landmark" and self.data.segment_len % m.landmark.block_size:
             raise ValueError(f"model.landmark.block_size ({m.landmark.block_size}) does not divide "
                              f"data.segment_len ({self.data.segment_len})")
+        if m.kind == "landmark" and m.arch == "gpt2":
+            inserted = self.data.segment_len // m.landmark.block_size * (m.landmark.block_size + 1)
+            if inserted > m.max_seq_len:
+                raise ValueError(f"model.max_seq_len ({m.max_seq_len}) is smaller than a landmark segment "
+                                 f"({inserted} positions = data.segment_len with its landmarks): arch=gpt2 gives "
+                                 "each of them a learned position")
         if m.kind == "memory_layers":
             ml = m.memory_layers
             root = int(round(ml.num_values**0.5))

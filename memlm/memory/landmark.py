@@ -18,6 +18,16 @@ cross-document scores drop by BIG = 2^15 (exp underflows to 0, in the landmark a
 alike). That branch (head_dim + n_segments) runs only for batches with a document start inside the step
 (lax.cond), so the common case keeps the native head_dim the Pallas kernels want.
 
+arch=gpt2 (learned absolute positions, GPT-2's wpe; not in the paper, which uses LLaMA). RoPE lets the paper
+re-position retrieved keys at will; learned positions are added to the input and baked into every key, so
+they cannot be remapped. memlm therefore gives learned positions *per segment*: in training each segment's
+inserted tokens get positions 0 .. segment_len (b+1)/b - 1 (restarting at every segment), and a streamed chunk
+(= one segment) gets the same, while attention across segments (training) and to retrieved blocks (inference)
+carries no position at all (no RoPE). Training and retrieval then see identical positions, retrieving every
+cached block reproduces the training forward exactly (tests/memory/test_landmark.py), and the table only
+needs data.segment_len (b+1)/b rows (checked in config: model.max_seq_len). What is lost against RoPE: order
+between blocks of different segments is known only from the causal structure, not from positions.
+
 Loss. Regular positions predict the next regular token, as in the baseline. `include_landmark_in_loss=true`
 also scores each landmark output against the target of the last regular token of its block, i.e. the next
 regular token after the landmark (its loss_mask entry too); it adds n_blocks tokens to the count.
@@ -107,15 +117,17 @@ def attended_tokens(block_size: int, top_k: int, segment_len: int, context: int,
             "total_max": cached + min(top_k, cached) * L + local, "full_attention": context}
 
 
+def _no_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """arch=gpt2: keys and queries carry their learned positions from the input; retrieval adds none."""
+    return x
+
+
 class Landmark(nnx.Module):
-    """The Llama decoder with landmark tokens and grouped-softmax attention (module docstring)."""
+    """The decoder (arch llama or gpt2) with landmark tokens and grouped-softmax attention (module docstring)."""
 
     stateless = False
 
     def __init__(self, cfg, rngs: nnx.Rngs):
-        if getattr(cfg, "arch", "llama") != "llama":
-            raise UserError(f"model.arch: landmark attention needs the llama backbone (RoPE, for the position "
-                            f"remapping at retrieval), got {cfg.arch!r}")
         self.cfg = cfg
         self.b = cfg.landmark.block_size
         self.decoder = Decoder(cfg, rngs)
@@ -152,6 +164,21 @@ class Landmark(nnx.Module):
         n = Ti // (self.b + 1)
         hb = h.reshape(B, n, self.b + 1, d)
         return hb[:, :, : self.b].reshape(B, n * self.b, d), hb[:, :, self.b]
+
+    def embed_chunk(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, Ls] of one segment / chunk -> [B, Ls/b (b+1), d] with landmarks (and, for arch=gpt2, the
+        learned positions of the chunk: 0 .. Ls/b (b+1) - 1, as in training), in the compute dtype."""
+        x = self.insert_landmarks(self.decoder.embed(tokens))
+        if self.cfg.arch != "gpt2":
+            return x.astype(self.decoder.compute_dtype)
+        Ti = x.shape[1]
+        self._check_positions(Ti)
+        return self.decoder.add_positions(x, jnp.broadcast_to(jnp.arange(Ti), x.shape[:2]))
+
+    def _check_positions(self, chunk_len: int) -> None:
+        if chunk_len > self.cfg.max_seq_len:
+            raise UserError(f"model.max_seq_len: arch=gpt2 gives the {chunk_len} positions of a landmark segment "
+                            f"(segment_len (b+1)/b) learned positions, but the table has {self.cfg.max_seq_len}")
 
     def _qkv(self, attn, x: jax.Array):
         """x [B, T, d] -> q [B, H, T, hd], k, v [B, kv_heads, T, hd] (before RoPE)."""
@@ -207,8 +234,10 @@ class Landmark(nnx.Module):
         c = self.cfg
         B, T, _ = h.shape
         q, k, v = self._qkv(block.attn, block.attn_norm(h))
-        q = apply_rope(q, pos, c.rope_theta).transpose(0, 2, 1, 3)
-        k = self._heads(apply_rope(k, pos, c.rope_theta).transpose(0, 2, 1, 3))
+        if c.arch != "gpt2":  # gpt2: positions were added to the input (learned table), no RoPE
+            q, k = apply_rope(q, pos, c.rope_theta), apply_rope(k, pos, c.rope_theta)
+        q = q.transpose(0, 2, 1, 3)
+        k = self._heads(k.transpose(0, 2, 1, 3))
         v = self._heads(v.transpose(0, 2, 1, 3))
         out = self._grouped(q, k, v, docs).transpose(0, 2, 1, 3).reshape(B, T, c.n_heads * c.hd)
         h = h + block.attn.wo(out)
@@ -229,6 +258,10 @@ class Landmark(nnx.Module):
         Ti = n * (self.b + 1)
         x = self.insert_landmarks(self.decoder.embed(tokens.reshape(B, S * Ls)))
         pos = jnp.broadcast_to(jnp.arange(Ti), (B, Ti))  # step-local: relative RoPE, bounded positions
+        if self.cfg.arch == "gpt2":  # learned positions restart at every segment, as they do per streamed chunk
+            seg_len = Ti // S
+            self._check_positions(seg_len)
+            x = self.decoder.add_positions(x, pos % seg_len)
         docs = None
         if S > 1 and reset is not None:
             seg_doc = jnp.cumsum(reset.astype(jnp.int32), axis=1)
@@ -270,6 +303,8 @@ class Landmark(nnx.Module):
         return h + block.mlp(block.mlp_norm(h))
 
     def _rope(self):
+        if self.cfg.arch == "gpt2":
+            return _no_rope
         return partial(rope_any, theta=self.cfg.rope_theta)
 
     def _stream_layer(self, block, h, kv, num_blocks):
@@ -303,7 +338,7 @@ class Landmark(nnx.Module):
         B, Ls = tokens.shape
         cache = carry if "k" in carry else self._empty_cache(B)
         nv = cache["num_blocks"]
-        x = self.insert_landmarks(self.decoder.embed(tokens)).astype(self.decoder.compute_dtype)
+        x = self.embed_chunk(tokens)
         h, (k, v, idx) = self._scan_layers(lambda blk, h, kv: self._stream_layer(blk, h, kv, nv), x,
                                            (cache["k"], cache["v"]))
         reg, _ = self.split_landmarks(self.decoder.final_norm(h))
@@ -432,8 +467,7 @@ def _off_start(gd, st, num_blocks):
 
 @partial(jax.jit, static_argnums=0)
 def _off_embed(gd, st, tokens):
-    m = nnx.merge(gd, st)
-    return m.insert_landmarks(m.decoder.embed(tokens)).astype(m.decoder.compute_dtype)
+    return nnx.merge(gd, st).embed_chunk(tokens)
 
 
 @partial(jax.jit, static_argnums=0)

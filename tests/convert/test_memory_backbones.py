@@ -168,3 +168,22 @@ def test_titans_export_hf(tmp_path, arch, variant):
     back = str(tmp_path / "back")
     runs.import_hf(out, back)
     _same_params(run_params(run), run_params(back), 300)
+
+
+def test_landmark_on_an_imported_gpt2(tmp_path):
+    """Landmark takes GPT-2 too: learned positions restart at every segment (memlm/memory/landmark.py). The
+    first block of a stream attends to nothing earlier and its landmark comes after it, so its logits are
+    GPT-2's on those tokens; later blocks also see landmarks, so they differ. Then one CLI training step."""
+    src = tiny_gpt2(str(tmp_path / "hf"))
+    run = str(tmp_path / "run")
+    out = runs.import_hf(src, run, [*FAST, "model.kind=landmark", "model.landmark.block_size=8",
+                                    "model.landmark.top_k=2", "model.landmark.cache_blocks=4", "train.steps=1",
+                                    "train.warmup_steps=0", "train.batch_size=8"])
+    assert (out["model.kind"], out["arch"]) == ("landmark", "gpt2")
+    tokens = np.random.default_rng(4).integers(0, 300, (2, 16))
+    ref = torch_logits(src, tokens)
+    live = memlm.load(run).logits(tokens)
+    assert float(np.abs(live[:, :8] - ref[:, :8]).max()) < 1e-4
+    assert float(np.abs(live[:, 8:] - ref[:, 8:]).max()) > 1e-3
+    r = run_memlm("train", f"{run}/config.yaml")
+    assert r.returncode == 0, r.stderr[-2000:]

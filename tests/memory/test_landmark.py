@@ -63,6 +63,7 @@ def stream(model, tokens, seg_len):
 
 
 LM = {"block_size": 4, "top_k": 8, "cache_blocks": 8}
+GPT2 = {"gpt2": {"arch": "gpt2", "n_kv_heads": 4}}  # GPT-2: LayerNorm, biases, GELU, learned positions
 
 
 def test_forward_and_gradients_match_dense_reference():
@@ -118,16 +119,16 @@ def test_causal_in_training_and_streaming(mode):
 
 
 @pytest.mark.parametrize("mode", ["per_token_and_head", "max_over_tokens"])
-def test_retrieving_all_blocks_equals_training_forward(mode):
+def test_retrieving_all_blocks_equals_training_forward(mode, arch="llama"):
     # 4 segments of 8 tokens, b = 4: at most 6 cached blocks before the last chunk; k = cache = 8 >= 6
-    cfg, model = make("landmark", landmark={**LM, "retrieval_mode": mode})
+    cfg, model = make("landmark", landmark={**LM, "retrieval_mode": mode}, **GPT2.get(arch, {}))
     batch = make_batch(cfg, seed=4)
     full = train_logits(model, batch["tokens"])
     streamed, carry = stream(model, batch["tokens"].reshape(2, -1), 8)
     np.testing.assert_allclose(streamed, full, atol=2e-5)
     assert carry["num_blocks"].tolist() == [8, 8]
     # with fewer retrieved blocks the later chunks differ (retrieval really restricts attention)
-    _, small = make("landmark", landmark={**LM, "top_k": 1, "retrieval_mode": mode})
+    _, small = make("landmark", landmark={**LM, "top_k": 1, "retrieval_mode": mode}, **GPT2.get(arch, {}))
     nnx.update(small, nnx.state(model))
     s1, _ = stream(small, batch["tokens"].reshape(2, -1), 8)
     np.testing.assert_allclose(s1[:, :8], full[:, :8], atol=2e-5)  # chunk 0: nothing cached yet
@@ -213,8 +214,50 @@ def test_config_errors(capsys):
         from_dict({**base, "model": {"kind": "landmark", "landmark": {"top_k": 8, "cache_blocks": 4}}})
     with pytest.raises(UserError, match=r"model\.landmark\.block_size \(30\) does not divide data\.segment_len"):
         from_dict({**base, "model": {"kind": "landmark", "landmark": {"block_size": 30}}})
-    with pytest.raises(UserError, match="model.arch"):
-        make("landmark", arch="gpt2", landmark=LM)
+    with pytest.raises(UserError, match=r"model\.max_seq_len \(32\) is smaller than a landmark segment \(40 "):
+        from_dict({"model": {"kind": "landmark", "arch": "gpt2", "max_seq_len": 32, "landmark": LM},
+                   "data": {"segment_len": 32}})
     code = cli_main(["train", os.path.join(ROOT, "configs/tiny/landmark.yaml"), "model.landmark.top_k=5000"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "exceeds cache_blocks" in err, err
+
+
+# ---- arch=gpt2: learned absolute positions, restarting at every segment (= streamed chunk) --------------------
+@pytest.mark.parametrize("mode", ["per_token_and_head", "max_over_tokens"])
+def test_gpt2_retrieving_all_blocks_equals_training_forward(mode):
+    """GPT-2 has no RoPE to re-apply at retrieval, so its learned positions are segment-local in training and
+    chunk-local when streaming; then retrieval of every cached block is exactly the training forward."""
+    test_retrieving_all_blocks_equals_training_forward(mode, arch="gpt2")
+
+
+def test_gpt2_positions_are_segment_local_and_used():
+    cfg, model = make("landmark", landmark=LM, **GPT2["gpt2"])
+    tokens = make_batch(cfg, seed=6)["tokens"]  # [2, 4 segments, 8]
+    full = train_logits(model, tokens)
+    # the first segment alone gives the same logits: positions restart per segment, and segment 0 sees nothing
+    # earlier; perturbing the position table changes them (so the table is really used)
+    np.testing.assert_allclose(train_logits(model, tokens[:, :1]), full[:, :8], atol=2e-5)
+    pe = model.decoder.pos_embedding
+    old = pe[...]
+    # position 3 of each segment = token 3 of its segment (a random direction: LayerNorm removes a constant)
+    pe[...] = old.at[3].add(jax.random.normal(jax.random.key(0), old.shape[1:]))
+    _JIT.clear()
+    moved = train_logits(model, tokens)
+    pe[...] = old
+    _JIT.clear()
+    diff = np.abs(np.asarray(moved - full)).max(axis=-1)  # [2, 32]
+    assert diff[:, :3].max() == 0 and diff[:, 3].min() > 1e-4 and diff[:, 11].min() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["per_token_and_head", "max_over_heads"])
+def test_gpt2_causal_in_training_and_streaming(mode):
+    cfg, model = make("landmark", landmark={**LM, "top_k": 2, "retrieval_mode": mode}, **GPT2["gpt2"])
+    tokens = make_batch(cfg)["tokens"]
+    flat = tokens.reshape(2, -1)
+    ref_t, (ref_s, _) = train_logits(model, tokens), stream(model, flat, 8)
+    for t in (5, 8, 20):
+        pert = flat.at[:, t + 1 :].set((flat[:, t + 1 :] + 7) % 250 + 3)
+        out_t, (out_s, _) = train_logits(model, pert.reshape(tokens.shape)), stream(model, pert, 8)
+        for ref, out in ((ref_t, out_t), (ref_s, out_s)):
+            np.testing.assert_array_equal(np.asarray(out[:, : t + 1]), np.asarray(ref[:, : t + 1]))
+            assert not np.allclose(np.asarray(out[:, t + 1 :]), np.asarray(ref[:, t + 1 :]))
