@@ -100,18 +100,25 @@ def _memory_names(names, m) -> list[str]:
 def plain_backbone(m, flat: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str], str]:
     """(the plain decoder's flat tensors, the memory tensors' names, a README note) for an HF export.
 
-    Kinds that lay the decoder out differently (memory_layers, titans) give `plain_names` in their module:
-    their layers are renamed back to `decoder.blocks.{i}`, and the FFN of layers that have none (memory
-    layers) is filled with zeros. Memory tensors keep their own names (memory.safetensors)."""
+    Kinds that lay the decoder out differently (memory_layers, titans) give `plain_layout` in their module:
+    their layers `decoder.<stack>.{j}.*` are renamed back to `decoder.blocks.{i}.*`, and the FFN of layers that
+    have none (memory layers) is filled with zeros. Memory tensors keep their own names (memory.safetensors)."""
     from memlm.models.lm import memory_module
 
-    hook = getattr(memory_module(m.kind), "plain_names", None)
+    hook = getattr(memory_module(m.kind), "plain_layout", None)
     if hook is None:
         return flat, _memory_names(flat, m), ""
-    rename, zero_ffn, note = hook(m, list(flat))
+    layer, zero_ffn, note = hook(m)
+
+    def plain_name(name: str) -> str:
+        parts = name.split(".")
+        if parts[0] == "decoder" and len(parts) > 3 and parts[2].isdigit() and (parts[1], int(parts[2])) in layer:
+            return ".".join(["decoder", "blocks", str(layer[parts[1], int(parts[2])]), *parts[3:]])
+        return name
+
     backbone = hf_lib.backbone_names(m)
-    plain = {rename.get(n, n): x for n, x in flat.items() if rename.get(n, n) in backbone}
-    memory = sorted(n for n in flat if rename.get(n, n) not in backbone)
+    plain = {plain_name(n): x for n, x in flat.items() if plain_name(n) in backbone}
+    memory = sorted(n for n in flat if plain_name(n) not in backbone)
     dtype = next(iter(flat.values())).dtype
     zero_prefixes = tuple(f"decoder.blocks.{i}.mlp." for i in zero_ffn)
     for s in hf_lib.specs(m):

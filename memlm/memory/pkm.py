@@ -119,23 +119,18 @@ def from_plain_backbone(cfg, flat: dict) -> tuple[dict, list[str]]:
     return out, dropped
 
 
-def plain_names(cfg, names) -> tuple[dict[str, str], list[int], str]:
-    """For `memlm export --format hf` (the inverse of from_plain_backbone): memlm flat name -> the plain
-    decoder's name (`decoder.memory_blocks.{j}.*` and `decoder.blocks.{j}.*` -> `decoder.blocks.{i}.*`, i the
-    layer index); the layers whose FFN the memory replaced (their FFN is exported as zeros, so the HF model
-    is the backbone with each memory layer adding nothing); and a note for the export's README."""
+def plain_layout(cfg) -> tuple[dict[tuple[str, int], int], list[int], str]:
+    """For `memlm export --format hf` (the inverse of from_plain_backbone): (stack name, index in it) -> layer
+    index of the plain decoder (`decoder.memory_blocks.{j}` / `decoder.blocks.{j}` -> `decoder.blocks.{i}`);
+    the layers whose FFN the memory replaced (their FFN is exported as zeros, so the HF model is the backbone
+    with each memory layer adding nothing); and a note for the export's README."""
     is_mem, index = layer_schedule(cfg.n_layers, cfg.memory_layers.layers)
     layer = {("memory_blocks" if is_mem[i] else "blocks", int(index[i])): i for i in range(cfg.n_layers)}
-    out = {}
-    for name in names:
-        parts = name.split(".")
-        if parts[0] == "decoder" and len(parts) > 3 and parts[1] in ("blocks", "memory_blocks") and parts[2].isdigit():
-            out[name] = ".".join(["decoder", "blocks", str(layer[(parts[1], int(parts[2]))]), *parts[3:]])
     mem = [i for i in range(cfg.n_layers) if is_mem[i]]
     note = (f"Layers {mem} are memory layers: the product-key memory replaces their FFN, so their FFN weights "
             "in model.safetensors are zeros and the Hugging Face model is the backbone with those layers adding "
             "nothing after attention.")
-    return out, mem, note
+    return layer, mem, note
 
 
 # ---- lookup dispatch ---------------------------------------------------------------------------------------

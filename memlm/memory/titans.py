@@ -62,40 +62,38 @@ def _check(cfg) -> list[int]:
     return layers
 
 
+def _slots(cfg) -> dict[int, tuple[str, int]]:
+    """Layer i -> (its stack, its index there): memory layers in `blocks`, the others in `plain_blocks`."""
+    mem = set(_check(cfg))
+    return {i: ("blocks" if i in mem else "plain_blocks", sum(1 for g in range(i) if (g in mem) == (i in mem)))
+            for i in range(cfg.n_layers)}
+
+
 def from_plain_backbone(cfg, flat: dict) -> tuple[dict, list[str]]:
     """A plain decoder's flat tensors (an imported HF Llama / GPT-2: `decoder.blocks.{i}.*`) -> Titans names:
     memory layer i -> `decoder.blocks.{j}` (j = its index among the memory layers), the others ->
     `decoder.plain_blocks.{j}`. Attention, norms and FFN all carry over; nothing is dropped."""
-    mem = set(_check(cfg))
-    index = {i: sum(1 for g in range(i) if (g in mem) == (i in mem)) for i in range(cfg.n_layers)}
+    slots = _slots(cfg)
     out = {}
     for name, x in flat.items():
         parts = name.split(".")
         if parts[:2] == ["decoder", "blocks"] and parts[2].isdigit():
-            i = int(parts[2])
-            name = ".".join(["decoder", "blocks" if i in mem else "plain_blocks", str(index[i]), *parts[3:]])
+            stack, j = slots[int(parts[2])]
+            name = ".".join(["decoder", stack, str(j), *parts[3:]])
         out[name] = x
     return out, []
 
 
-def plain_names(cfg, names) -> tuple[dict[str, str], list[int], str]:
-    """For `memlm export --format hf` (the inverse of from_plain_backbone): memlm flat name -> the plain
-    decoder's name (`decoder.blocks.{j}` / `decoder.plain_blocks.{j}` -> `decoder.blocks.{i}`); no layer loses
-    its FFN; and a note for the export's README."""
-    mem = set(_check(cfg))
-    layer = {("blocks" if i in mem else "plain_blocks", sum(1 for g in range(i) if (g in mem) == (i in mem))): i
-             for i in range(cfg.n_layers)}
-    out = {}
-    for name in names:
-        parts = name.split(".")
-        if parts[0] == "decoder" and len(parts) > 3 and parts[1] in ("blocks", "plain_blocks") and parts[2].isdigit():
-            out[name] = ".".join(["decoder", "blocks", str(layer[(parts[1], int(parts[2]))]), *parts[3:]])
+def plain_layout(cfg) -> tuple[dict[tuple[str, int], int], list[int], str]:
+    """For `memlm export --format hf` (the inverse of from_plain_backbone): (stack name, index in it) -> layer
+    index of the plain decoder; no layer loses its FFN; and a note for the export's README."""
+    layer = {slot: i for i, slot in _slots(cfg).items()}
     tc = cfg.titans
     note = (f"The Hugging Face model holds Titans-{tc.variant.upper()}'s attention, norms and FFN weights but runs "
             "them as a plain decoder with full causal attention: the neural memory, the persistent tokens, the "
             "gates and Titans' attention pattern (MAC: per segment; MAG: a sliding window of "
             f"{tc.window}) are not part of it.")
-    return out, [], note
+    return layer, [], note
 
 
 class TitansDecoder(Decoder):
