@@ -197,6 +197,14 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "full"
+    segment_remat: bool = Field(
+        True,
+        description="segment-recurrent models (rmt, hmt, lm2, titans): also checkpoint each whole segment, so "
+        "only the carry is kept between segments (activation memory independent of the number of segments). "
+        "With a per-layer remat it recomputes each segment's forward once more (~1.25x the step's FLOPs); "
+        "false keeps the per-layer residuals of every segment instead (the baseline's footprint). Ignored "
+        "when remat=none",
+    )
     attention_impl: Literal["xla", "reference"] = "xla"
     segment_local: bool = Field(
         False, description="baseline only: attend within each segment instead of the whole sequence"
@@ -213,6 +221,11 @@ class ModelConfig(_Strict):
     def padded_vocab(self) -> int:
         m = self.vocab_pad_multiple
         return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def remat_segments(self) -> bool:
+        """Whether run_segments checkpoints each segment (segment_remat, unless remat=none)."""
+        return self.segment_remat and self.remat != "none"
 
     @property
     def kv_heads(self) -> int:

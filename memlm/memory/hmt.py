@@ -193,7 +193,7 @@ class HMT(nnx.Module):
 
         xs = (segment_major(batch["tokens"]), segment_major(batch["targets"]), segment_major(mask))
         ((loss_sums, counts), stats), carry = run_segments(
-            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat != "none"
+            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments
         )
         aux = {k: jnp.mean(v) for k, v in stats.items()}
         aux["memory_norm"] = jnp.mean(jnp.linalg.norm(carry["last_mem"], axis=-1))

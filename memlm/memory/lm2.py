@@ -202,7 +202,7 @@ class LM2(nnx.Module):
 
         xs = tuple(segment_major(batch[k]) for k in ("tokens", "targets", "loss_mask"))
         ((loss_sums, counts), stats), carry = run_segments(
-            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat != "none"
+            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments
         )
         aux = {k: jnp.mean(v) for k, v in stats.items()}
         aux["memory_norm"] = jnp.mean(jnp.linalg.norm(carry["memory"], axis=-1))

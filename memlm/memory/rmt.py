@@ -79,7 +79,7 @@ class RMT(nnx.Module):
 
         xs = tuple(segment_major(batch[k]) for k in ("tokens", "targets", "loss_mask"))
         (loss_sums, counts), carry = run_segments(seg_fn, carry, init, xs, segment_major(batch["reset"]),
-                                                  bptt_depth, remat=self.cfg.remat != "none")
+                                                  bptt_depth, remat=self.cfg.remat_segments)
         mem_norm = jnp.mean(jnp.linalg.norm(carry["memory"], axis=-1))
         return jnp.sum(loss_sums), jnp.sum(counts), carry, {"memory_norm": mem_norm}
 

@@ -272,7 +272,7 @@ class Titans(nnx.Module):
 
         xs = tuple(segment_major(batch[k]) for k in ("tokens", "targets", "loss_mask"))
         ((loss_sums, counts), stats), carry = run_segments(
-            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat != "none")
+            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments)
         return jnp.sum(loss_sums), jnp.sum(counts), carry, jax.tree.map(jnp.mean, stats)
 
     def segment_logits(self, carry, tokens, positions=None, reset=None):
