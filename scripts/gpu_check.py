@@ -274,6 +274,12 @@ def section_model_compare() -> dict:
     spec.loader.exec_module(bench)
     configs = [("configs/tiny/baseline.yaml", "model.segment_local=true"), ("configs/tiny/rmt.yaml", ""),
                ("configs/tiny/hmt.yaml", ""), ("configs/tiny/lm2.yaml", ""), ("configs/tiny/titans_mag.yaml", "")]
+    # with the per-layer remat of the paper configs, with and without the per-segment checkpoint
+    # (model.segment_remat=false: one forward fewer per step); ratios against the baseline with the same remat
+    full = "model.remat=full"
+    configs += [("configs/tiny/baseline.yaml", "model.segment_local=true;" + full)]
+    configs += [(path, full + sr) for path, _ in configs[1:2 if SMOKE else 4]
+                for sr in ("", ";model.segment_remat=false")]
     model, sizes = (("train.batch_size=2", [(64, 2)]) if SMOKE else (GPU_MODEL, [(512, 4)]))
     out = {}
     for seg, n in sizes:
@@ -287,9 +293,11 @@ def section_model_compare() -> dict:
         for _ in range(3):
             for b in benches:
                 b.run(5)
-        base = benches[0].result()
+        bases = {("remat=full" in ";".join(b.overrides)): b.result() for b in benches
+                 if b.path.endswith("baseline.yaml")}
         for b in benches:
             r = b.result()
+            base = bases.get("remat=full" in ";".join(b.overrides), bases.get(False))
             key = f"{b.path}:{';'.join(b.overrides[len(model.split(';')):])}@{seg}x{n}"
             out[key] = dict(step_ms=r["step_s"] * 1e3, tokens_per_sec=r["tokens_per_sec"],
                             compile_s=r.get("compile_s"),
