@@ -18,7 +18,10 @@ test_mac_recall_ci (CI, 200 steps each): MAC well above chance and the baseline 
 6.1%; 105 s CPU, 341 s wall at load average ~20 on the shared 2-core box).
 test_mac_recall_full (slow): MAC >= 90%, the baseline near chance. NOT reached yet, so marked xfail (the
 threshold is kept): measured MAC 75.2% after 1500 steps and 76.2% after 4000 (the recall loss plateaus at
-~0.4), baseline 5.3% / 5.1%.
+~0.4), baseline 5.3% / 5.1%. That plateau is the backbone's (tests/memory/test_recall_learning.py, session 4:
+with tokens in front of the text, which MAC's persistent and retrieved tokens are, even full attention rarely
+learns the key/value binding). test_mac_recall_full_warm_start gives MAC a backbone pre-trained to bind and
+reaches the bar (97.9% in a 1-device process).
 """
 
 from __future__ import annotations
@@ -98,5 +101,47 @@ def test_mac_recall_ci():
 @pytest.mark.xfail(reason="MAC plateaus at ~76% recall on this recipe (75.2% @1500, 76.2% @4000 steps)", strict=False)
 def test_mac_recall_full():
     mac, base = compare(steps=1500)
+    assert mac["acc"] >= 0.90, (mac, base)
+    assert base["acc"] <= 2 * CHANCE, base
+
+
+def warm_start_mac(titans: dict, pretrain: int, steps: int, seed: int = 0) -> dict:
+    """tests/memory/test_recall_learning.py's warm start for MAC: pre-train the plain baseline (this file's width,
+    n_kv_heads 2) on the 2 x 16 document in ONE segment with a 1-token prefix (lr 1e-3: it learns the binding),
+    give its backbone to a fresh `titans` model, train that on the 2-segment task (constant lr 1e-3) and return
+    the held-out streaming accuracy (test_recall_learning.accuracy: 512 documents of corpus seed 1)."""
+    from memlm import sharding
+    from memlm.train import setup as setup_lib
+    from tests.memory import test_recall_learning as trl
+
+    backbone, backbone_loss = trl.train_one_segment({"kind": "baseline", "n_kv_heads": 2}, 1, pretrain, 1e-3, seed,
+                                                    log_every=500, doc=(N_SEG, SEG))
+    cfg = from_dict({
+        "run": {"dir": "/tmp/unused"},
+        "train": {"steps": steps, "batch_size": BATCH, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.0,
+                  "min_lr_ratio": 1.0, "progress": False},
+        "model": {"kind": "titans", "vocab_size": 259, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                  "d_ff": 128, "max_seq_len": 64, "dtype": "float32", "remat": "none", "titans": titans},
+        "data": {"source": "synthetic", "n_segments": N_SEG, "segment_len": SEG}})
+    setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
+    params = trl.give_backbone(cfg, setup_lib.init_params(setup, seed), backbone)
+    train = AssociativeRecallCorpus(10**9, N_SEG, SEG, num_pairs=PAIRS, seed=0)
+    setup, params, _, train_s = fit(cfg, lambda i: recall_batch(train, 10**7 + i * BATCH, BATCH, SEG), seed,
+                                    params, 250, label="recall loss")
+    ev = trl.accuracy(setup, params, AssociativeRecallCorpus(10**9, N_SEG, SEG, num_pairs=PAIRS, seed=1), SEG)
+    return {**ev, "backbone_loss": backbone_loss, "train_s": round(train_s, 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_mac_recall_full_warm_start():
+    """Issue #4's >= 90% from a backbone that binds (see test_recall_learning.py: the ~75% plateau above is the
+    backbone's). The same MAC without its neural memory, given the same backbone, stays near chance.
+    Measured: MAC 98.5% (per answer 97.1 / 100), no-memory 7.7% (pytest, 8 fake devices, 23 min); MAC 97.9% in a
+    1-device process."""
+    mac = warm_start_mac(MAC, 6000, 3000)
+    base = warm_start_mac(NO_MEMORY, 6000, 3000)
+    print(f"\nMAC warm start: {mac} | no-memory baseline {base}")
+    assert mac["backbone_loss"] < 0.1, mac["backbone_loss"]
     assert mac["acc"] >= 0.90, (mac, base)
     assert base["acc"] <= 2 * CHANCE, base
