@@ -23,22 +23,10 @@ import json
 import os
 import sys
 
-import jax
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memlm import sharding  # noqa: E402
 from memlm.data.synthetic import AssociativeRecallCorpus  # noqa: E402
-from memlm.train import setup as setup_lib  # noqa: E402
 from tests.memory import test_recall_learning as trl  # noqa: E402
-
-
-def _accuracy_one_segment(params, model: dict, prefix: int) -> dict:
-    if prefix:  # the streaming accuracy helper has no prefix; the training loss is reported instead
-        return {}
-    cfg = trl.make_cfg(model, 1, 24, 1, 1e-3, 32, 50)
-    setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
-    return trl.accuracy(setup, params, AssociativeRecallCorpus(10**9, 3, 8, seed=1, num_pairs=2), 24)
 
 
 def main() -> int:
@@ -56,9 +44,12 @@ def main() -> int:
     a = p.parse_args()
     if a.mode == "one-segment":
         model = json.loads(a.model) if a.model else {"kind": "baseline"}
-        params, loss = trl.train_one_segment(model, a.prefix, a.steps, a.lr, a.seed, log_every=500)
+        setup, params, loss = trl.train_one_segment(model, a.prefix, a.steps, a.lr, a.seed, log_every=500)
+        # the streaming accuracy helper has no prefix: with one, the training loss is reported alone
+        ev = {} if a.prefix else trl.accuracy(setup, params, AssociativeRecallCorpus(10**9, 3, 8, seed=1,
+                                                                                    num_pairs=2), 24)
         print(json.dumps({"mode": a.mode, "model": model, "prefix": a.prefix, "steps": a.steps, "lr": a.lr,
-                          "seed": a.seed, "final_loss": loss, **_accuracy_one_segment(params, model, a.prefix)}))
+                          "seed": a.seed, "final_loss": loss, **ev}))
         return 0
     if a.prefix != 1:
         p.error("warm-start pre-trains with --prefix 1 (tests/memory/test_recall_learning.py::warm_start)")

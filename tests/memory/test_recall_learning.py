@@ -144,14 +144,14 @@ def one_segment_batch(corpus, start: int, n: int, prefix: int) -> dict[str, np.n
 
 
 def train_one_segment(model: dict, prefix: int, steps: int, lr: float, seed: int = 0, batch: int = 32,
-                      log_every: int = 0, doc: tuple[int, int] = (3, 8)) -> tuple[object, float]:
+                      log_every: int = 0, doc: tuple[int, int] = (3, 8)) -> tuple[object, object, float]:
     """Train `model` on the one-segment task (the doc[0] x doc[1] document in one segment: nothing to carry);
-    returns (params, last training loss)."""
+    returns (setup, params, last training loss)."""
     cfg = make_cfg(model, 1, doc[0] * doc[1] + prefix, steps, lr, batch, 50, {"min_lr_ratio": 1.0})
     corpus = AssociativeRecallCorpus(10**9, doc[0], doc[1], seed=0, num_pairs=2)
-    _, params, metrics, _ = fit(cfg, lambda i: one_segment_batch(corpus, i * batch, batch, prefix), seed, None,
-                                log_every, label=f"one segment, prefix {prefix}: loss")
-    return params, float(metrics["loss"])
+    setup, params, metrics, _ = fit(cfg, lambda i: one_segment_batch(corpus, i * batch, batch, prefix), seed,
+                                    None, log_every, label=f"one segment, prefix {prefix}: loss")
+    return setup, params, float(metrics["loss"])
 
 
 def give_backbone(cfg, params, backbone):
@@ -174,7 +174,7 @@ def warm_start(model: dict, pretrain_steps: int, stages: list[tuple[int, int]], 
     """Pre-train the plain baseline on the one-segment task with a 1-token prefix, copy its decoder into a fresh
     `model` (RMT / HMT: the same Decoder), then train `model` through `stages` as `train` does.
     Returns train()'s dict plus "backbone_loss" (the pre-training's last loss; the plateau is 0.35)."""
-    backbone, backbone_loss = train_one_segment(BASELINE_FULL, 1, pretrain_steps, lr, seed, log_every=log_every)
+    _, backbone, backbone_loss = train_one_segment(BASELINE_FULL, 1, pretrain_steps, lr, seed, log_every=log_every)
     cfg = make_cfg(model, stages[0][0], 8, 1, lr, 32, 50)
     setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
     params = give_backbone(cfg, setup_lib.init_params(setup, seed), backbone)
@@ -279,7 +279,7 @@ def test_recall_full_warm_start(kind):
 @pytest.mark.timeout(3600)
 def test_recall_full_warm_start_baseline_at_chance():
     """The segment-local baseline given the same pre-trained backbone still cannot see segment 1."""
-    backbone, _ = train_one_segment(BASELINE_FULL, 1, WARM["rmt"][0], 1e-3)
+    _, backbone, _ = train_one_segment(BASELINE_FULL, 1, WARM["rmt"][0], 1e-3)
     res = train(BASELINE, WARM["rmt"][1], lr=1e-3, train_extra={"min_lr_ratio": 1.0}, params=backbone)
     print(f"\nrecall baseline warm start: acc {res['acc']:.3f}")
     assert res["acc"] <= 2 * CHANCE, res["acc"]

@@ -114,7 +114,7 @@ def warm_start_mac(titans: dict, pretrain: int, steps: int, seed: int = 0) -> di
     from memlm.train import setup as setup_lib
     from tests.memory import test_recall_learning as trl
 
-    backbone, backbone_loss = trl.train_one_segment({"kind": "baseline", "n_kv_heads": 2}, 1, pretrain, 1e-3, seed,
+    _, backbone, backbone_loss = trl.train_one_segment({"kind": "baseline", "n_kv_heads": 2}, 1, pretrain, 1e-3, seed,
                                                     log_every=500, doc=(N_SEG, SEG))
     cfg = from_dict({
         "run": {"dir": "/tmp/unused"},
