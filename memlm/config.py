@@ -205,6 +205,10 @@ class ModelConfig(_Strict):
         "false keeps the per-layer residuals of every segment instead (the baseline's footprint). Ignored "
         "when remat=none",
     )
+    segment_unroll: int = Field(
+        1, ge=1, description="segment-recurrent models: unroll factor of the lax.scan over segments (the same "
+        "math; a larger one gives the compiler straight-line code across segments at more compile time)",
+    )
     attention_impl: Literal["xla", "reference"] = "xla"
     segment_local: bool = Field(
         False, description="baseline only: attend within each segment instead of the whole sequence"

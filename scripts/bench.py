@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 class _Bench:
     """One config compiled at one size, with its own state and batches; `run(k)` times k more steps."""
 
-    def __init__(self, path: str, overrides: list[str], seg_len: int, n_seg: int):
+    def __init__(self, path: str, overrides: list[str], seg_len: int, n_seg: int, compile: bool = True):
+        """Builds, lowers and (unless compile=False: call `compile()` later, e.g. in a thread pool) compiles."""
         import jax
 
         from memlm.config import load_config
@@ -53,17 +54,29 @@ class _Bench:
                           for k, v in spec.items()}
         with setup.activate():
             t0 = time.perf_counter()
-            self.compiled = step.lower(setup.abstract_params, setup.abstract_opt, setup.abstract_carry,
-                                       abstract_batch).compile()
-            self.compile_s = time.perf_counter() - t0
-        self.mem = self.compiled.memory_analysis()
+            self.lowered = step.lower(setup.abstract_params, setup.abstract_opt, setup.abstract_carry,
+                                      abstract_batch)
+            self.lower_s = time.perf_counter() - t0
         self.times: list[float] = []
-        self.run(2, record=False)  # warm-up
+        self.compiled = None
+        if compile:
+            self.compile()
+
+    def compile(self) -> _Bench:
+        """XLA-compile the lowered step (thread-safe: the C++ compiler releases the GIL), then warm up."""
+        t0 = time.perf_counter()
+        self.compiled = self.lowered.compile()
+        self.compile_s = time.perf_counter() - t0
+        self.mem = self.compiled.memory_analysis()
+        return self
 
     def run(self, k: int, record: bool = True) -> None:
         import jax
 
         from memlm import distributed
+
+        if record and not self.times:
+            self.run(2, record=False)  # warm-up before the first timed step
 
         with self.setup.activate():
             for _ in range(k):

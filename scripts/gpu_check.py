@@ -262,46 +262,97 @@ def section_pkm_time() -> dict:
 
 GPU_MODEL = "model.d_model=512;model.n_heads=8;model.n_kv_heads=8;model.d_ff=1536;model.n_layers=4;" \
             "model.dtype=bfloat16;train.batch_size=16"
+# RMT's paper backbone (configs/paper/rmt_gpt2_small.yaml's width, depth and vocabulary), without remat
+GPT2S_MODEL = "model.vocab_size=50257;model.d_model=768;model.n_heads=12;model.n_kv_heads=12;model.d_ff=2048;" \
+              "model.n_layers=12;model.dtype=bfloat16;train.batch_size=16"
+TINY = "configs/tiny/"
+
+
+def compare_configs(width: str) -> list[tuple[str, str, str]]:
+    """(row name, config, overrides) of one model_compare width. rmt_m0 = RMT with no memory tokens: the
+    segment-local baseline run one segment after another, i.e. the cost of the sequential scan alone."""
+    rows = [("baseline", TINY + "baseline.yaml", "model.segment_local=true"),
+            ("rmt_m0", TINY + "rmt.yaml", "model.rmt.num_mem_tokens=0"),
+            ("rmt", TINY + "rmt.yaml", "" if width == "d512" else "model.rmt.num_mem_tokens=16"),
+            ("hmt", TINY + "hmt.yaml", ""), ("lm2", TINY + "lm2.yaml", "")]
+    # the same with the segment scan fully unrolled (model.segment_unroll): straight-line code across segments
+    rows += [(name + "_unrolled", path, ";".join(o for o in (extra, "model.segment_unroll=4") if o))
+             for name, path, extra in rows[1:3 if SMOKE else 5]]
+    if width == "d512":
+        rows += [("titans_mag", TINY + "titans_mag.yaml", ""),
+                 ("titans_mag_linear", TINY + "titans_mag.yaml", "model.titans.memory_depth=1")]
+        # with the per-layer remat of the paper configs, with and without the per-segment checkpoint
+        # (model.segment_remat=false: one forward fewer per step); ratios against the baseline with the same remat
+        full = "model.remat=full"
+        rows += [("baseline_remat", TINY + "baseline.yaml", "model.segment_local=true;" + full)]
+        rows += [(f"{name}_remat{tag}", path, ";".join(o for o in (extra, full, sr) if o))
+                 for name, path, extra in rows[2:3 if SMOKE else 5]
+                 for tag, sr in (("", ""), ("_no_segment_remat", "model.segment_remat=false"))]
+    return rows
 
 
 def section_model_compare() -> dict:
-    """Train-step time per token of each memory model against the baseline, in one process, round-robin."""
+    """Train-step time per token of each memory model against the segment-local baseline, at two widths, in one
+    process: every config lowered, all compiled at once in a thread pool, then timed round-robin per width."""
     sys.argv = ["bench.py"]
     import importlib.util
+    from concurrent.futures import ThreadPoolExecutor
 
     spec = importlib.util.spec_from_file_location("bench", os.path.join(os.path.dirname(__file__), "bench.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    configs = [("configs/tiny/baseline.yaml", "model.segment_local=true"), ("configs/tiny/rmt.yaml", ""),
-               ("configs/tiny/hmt.yaml", ""), ("configs/tiny/lm2.yaml", ""), ("configs/tiny/titans_mag.yaml", "")]
-    # with the per-layer remat of the paper configs, with and without the per-segment checkpoint
-    # (model.segment_remat=false: one forward fewer per step); ratios against the baseline with the same remat
-    full = "model.remat=full"
-    configs += [("configs/tiny/baseline.yaml", "model.segment_local=true;" + full)]
-    configs += [(path, full + sr) for path, _ in configs[1:2 if SMOKE else 4]
-                for sr in ("", ";model.segment_remat=false")]
-    model, sizes = (("train.batch_size=2", [(64, 2)]) if SMOKE else (GPU_MODEL, [(512, 4)]))
-    out = {}
-    for seg, n in sizes:
-        benches = []
-        for path, extra in configs:
-            ov = [o for o in (model + ";" + extra).split(";") if o]
+    widths = {"d512": GPU_MODEL, "gpt2s": GPT2S_MODEL}
+    if SMOKE:
+        widths = {"d512": "train.batch_size=2", "gpt2s": "train.batch_size=2;model.vocab_size=1000"}
+    seg, n = (64, 2) if SMOKE else (512, 4)
+    out, benches = {}, {}
+    t0 = time.perf_counter()
+    for width, model in widths.items():
+        for name, path, extra in compare_configs(width):
+            key = f"{width}/{name}"
             try:
-                benches.append(bench._Bench(path, ov, seg, n))
+                b = bench._Bench(path, [o for o in (model + ";" + extra).split(";") if o], seg, n, compile=False)
+                benches[key] = b
             except Exception as e:  # one config failing to build must not lose the others
-                out[f"{path}:{extra}@{seg}x{n}"] = dict(error=f"{type(e).__name__}: {e}"[:400])
+                out[key] = dict(error=f"{type(e).__name__}: {e}"[:400])
+    out["lower_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+
+    def compile_one(item):
+        key, b = item
+        try:
+            b.compile()
+            return key, None
+        except Exception as e:
+            return key, f"{type(e).__name__}: {e}"[:400]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for key, err in pool.map(compile_one, list(benches.items())):
+            if err:
+                out[key] = dict(error=err)
+                benches.pop(key)
+    out["compile_wall_s"] = round(time.perf_counter() - t0, 1)
+    print(f"model_compare: lowered in {out['lower_s']} s, compiled {len(benches)} in {out['compile_wall_s']} s",
+          flush=True)
+    for width in widths:
+        mine = {k: b for k, b in benches.items() if k.startswith(width + "/")}
         for _ in range(3):
-            for b in benches:
-                b.run(5)
-        bases = {("remat=full" in ";".join(b.overrides)): b.result() for b in benches
-                 if b.path.endswith("baseline.yaml")}
-        for b in benches:
-            r = b.result()
-            base = bases.get("remat=full" in ";".join(b.overrides), bases.get(False))
-            key = f"{b.path}:{';'.join(b.overrides[len(model.split(';')):])}@{seg}x{n}"
-            out[key] = dict(step_ms=r["step_s"] * 1e3, tokens_per_sec=r["tokens_per_sec"],
-                            compile_s=r.get("compile_s"),
-                            time_per_token_vs_segment_local=r["sec_per_token"] / base["sec_per_token"])
+            for key, b in mine.items():
+                try:
+                    b.run(5)
+                except Exception as e:
+                    out[key] = dict(error=f"{type(e).__name__}: {e}"[:400])
+        mine = {k: b for k, b in mine.items() if k not in out}
+        res = {k: b.result() for k, b in mine.items()}
+        for key, r in res.items():
+            base = res.get(f"{width}/baseline_remat" if "_remat" in key else f"{width}/baseline")
+            out[key] = dict(config=r["config"], step_ms=r["step_s"] * 1e3, tokens_per_sec=r["tokens_per_sec"],
+                            compile_s=r.get("compile_s"), params=r["params"], temp_mib=r.get("temp_mib"),
+                            time_per_token_vs_segment_local=(r["sec_per_token"] / base["sec_per_token"]
+                                                             if base else None))
+            print(f"model_compare {key}: {out[key]}", flush=True)
+        for b in mine.values():  # free the device buffers before the next width
+            b.params = b.opt = b.carry = b.compiled = None
     return out
 
 

@@ -43,7 +43,7 @@ from flax import nnx
 from memlm.errors import UserError
 from memlm.layers.attention import NEG_INF, _linear, causal_mask
 from memlm.models.decoder import Decoder
-from memlm.models.lm import register_model, token_loss
+from memlm.models.lm import register_model, segments_loss
 from memlm.models.segments import run_segments, segment_major
 
 
@@ -136,17 +136,31 @@ class HMT(nnx.Module):
         return p, w
 
     def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict, dict]:
-        """tokens [B, L] -> (logits f32 [B, L, vocab], new carry, stats of scalars)."""
-        b, seg_len = tokens.shape
+        """Streaming form: tokens [B, L] -> (logits f32 [B, L, vocab], new carry, stats of scalars)."""
+        seg_len = tokens.shape[1]
         j = self._check(seg_len)
+        query = next_summary = None
+        if self.stage == 2:
+            query = carry["summary"] if self.carry_summary else self.summarise(tokens[:, :j])
+        if self.carry_summary:  # causal: the next segment's query summarises the end of this one
+            next_summary = self.summarise(tokens[:, seg_len - j :])
+        (h, stats), carry = self.segment_hidden(carry, (tokens, query, next_summary))
+        return self.decoder.head(h), carry, stats
+
+    def segment_hidden(self, carry: dict, x) -> tuple[tuple[jax.Array, dict], dict]:
+        """One segment given its summaries. x = (tokens [B, L], query S_n [B, d] or None (stage 1),
+        next_summary [B, d] or None (carried for the next segment)) -> ((final-normed text hidden [B, L, d],
+        stats), new carry). The summaries depend on the tokens and parameters only, never on the memory, so
+        `loss` computes every segment's at once outside the sequential scan."""
+        tokens, query, next_summary = x
+        b, seg_len = tokens.shape
         k, dec = self.k, self.decoder
         dt = dec.compute_dtype
         stats = {}
         if self.stage == 1:
             p = carry["last_mem"]
         else:
-            s = carry["summary"] if self.carry_summary else self.summarise(tokens[:, :j])
-            p, w = self.recall(s, carry["cache"], carry["valid"])
+            p, w = self.recall(query, carry["cache"], carry["valid"])
             stats["recall_entropy"] = jnp.mean(-jnp.sum(w * jnp.log(jnp.maximum(w, 1e-30)), axis=-1))
             stats["recall_max_weight"] = jnp.mean(jnp.max(w, axis=-1))
         pe = p.astype(dt)[:, None]
@@ -161,7 +175,6 @@ class HMT(nnx.Module):
         pos = jnp.broadcast_to(jnp.arange(n), (b, n))
         mask = causal_mask(pos, pos) & jnp.concatenate(key_ok, axis=1)[:, None, None, :]
         h = dec.backbone(x, pos, mask)
-        logits = dec.head(h[:, 1 + k : 1 + k + seg_len])
         m = h[:, -1].astype(jnp.float32)  # m_n: the write copy of P_n at the final position
 
         # push m_n into the ring cache (a one-hot blend keeps it differentiable and shape-static)
@@ -175,9 +188,25 @@ class HMT(nnx.Module):
         if k:
             new["sensory"] = tokens[:, seg_len - k :]
             new["sensory_valid"] = jnp.ones((b, k), jnp.float32)
-        if self.carry_summary:  # causal: the next segment's query summarises the end of this one
-            new["summary"] = self.summarise(tokens[:, seg_len - j :])
-        return logits, new, stats
+        if self.carry_summary:
+            new["summary"] = next_summary
+        return (h[:, 1 + k : 1 + k + seg_len], stats), new
+
+    def _all_summaries(self, tokens: jax.Array, carry: dict):
+        """tokens [B, S, L] -> (queries [S, B, d] or None, next summaries [S, B, d] or None), segment-major.
+
+        One backbone pass over all B*S summary windows at once. previous_segment: segment i's query is the
+        summary of segment i-1's last j tokens (segment 0's is the incoming carry's; at a document start the
+        cache is empty, so recall ignores the query and returns the learned memory vector)."""
+        if self.stage == 1:
+            return None, None
+        b, n_seg, seg_len = tokens.shape
+        j = self._check(seg_len)
+        window = tokens[:, :, seg_len - j :] if self.carry_summary else tokens[:, :, :j]
+        summaries = segment_major(self.summarise(window.reshape(b * n_seg, j)).reshape(b, n_seg, -1))
+        if not self.carry_summary:
+            return summaries, None
+        return jnp.concatenate([carry["summary"][None], summaries[:-1]], axis=0), summaries
 
     # ---- training / inference ------------------------------------------------------------------------------
     def loss(self, carry, batch, bptt_depth: int = -1):
@@ -185,20 +214,16 @@ class HMT(nnx.Module):
         mask = batch["loss_mask"]
         if self.cfg.hmt.loss_segments == "last":  # the official code: CE on the final segment only
             mask = jnp.zeros_like(mask).at[:, -1].set(mask[:, -1])
-
-        def seg_fn(c, x):
-            tokens, targets, m = x
-            logits, c, stats = self.segment(c, tokens)
-            return (token_loss(logits, targets, m), stats), c
-
-        xs = (segment_major(batch["tokens"]), segment_major(batch["targets"]), segment_major(mask))
-        ((loss_sums, counts), stats), carry = run_segments(
-            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments
-        )
+        queries, next_summaries = self._all_summaries(batch["tokens"], carry)
+        xs = (segment_major(batch["tokens"]), queries, next_summaries)
+        (h, stats), carry = run_segments(self.segment_hidden, carry, init, xs, segment_major(batch["reset"]),
+                                         bptt_depth, remat=self.cfg.remat_segments,
+                                         unroll=self.cfg.segment_unroll)
+        loss_sum, count = segments_loss(self.decoder, h, batch["targets"], mask)
         aux = {k: jnp.mean(v) for k, v in stats.items()}
         aux["memory_norm"] = jnp.mean(jnp.linalg.norm(carry["last_mem"], axis=-1))
         aux["cache_fill"] = jnp.mean(carry["valid"])
-        return jnp.sum(loss_sums), jnp.sum(counts), carry, aux
+        return loss_sum, count, carry, aux
 
     def segment_logits(self, carry, tokens, positions=None, reset=None):
         logits, carry, _ = self.segment(carry, tokens)

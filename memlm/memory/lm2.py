@@ -48,7 +48,7 @@ from flax import nnx
 from memlm.errors import UserError
 from memlm.layers.attention import NEG_INF, _linear, causal_mask
 from memlm.models.decoder import _REMAT_POLICIES, Block, Decoder, make_stacked_blocks
-from memlm.models.lm import register_model, token_loss
+from memlm.models.lm import register_model, segments_loss
 from memlm.models.segments import run_segments, segment_major
 from memlm.sharding import constrain
 
@@ -181,32 +181,32 @@ class LM2(nnx.Module):
         return {"memory": ("batch", "layers", "mem_slots", "act_embed")}
 
     # ---- one segment ---------------------------------------------------------------------------------------
-    def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict, dict]:
-        """tokens [B, L] -> (logits f32 [B, L, vocab], {"memory": [B, n_layers, N, d]}, stats)."""
+    def segment_hidden(self, carry: dict, tokens: jax.Array) -> tuple[tuple[jax.Array, dict], dict]:
+        """tokens [B, L] -> ((final-normed hidden [B, L, d], stats), {"memory": [B, n_layers, N, d]})."""
         b, seg_len = tokens.shape
         if seg_len > self.cfg.max_seq_len:
             raise UserError(f"data.segment_len ({seg_len}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         dec = self.decoder
         pos = jnp.broadcast_to(jnp.arange(seg_len), (b, seg_len))  # segment-local, as baseline segment_local
         h, mem, stats = dec.backbone_mem(dec.embed(tokens), pos, causal_mask(pos, pos), carry["memory"])
-        return dec.head(h), {"memory": mem}, stats
+        return (h, stats), {"memory": mem}
+
+    def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict, dict]:
+        """tokens [B, L] -> (logits f32 [B, L, vocab], {"memory": [B, n_layers, N, d]}, stats)."""
+        (h, stats), carry = self.segment_hidden(carry, tokens)
+        return self.decoder.head(h), carry, stats
 
     # ---- training / inference ------------------------------------------------------------------------------
     def loss(self, carry, batch, bptt_depth: int = -1):
         init = self.init_carry(batch["tokens"].shape[0])
 
-        def seg_fn(c, x):
-            tokens, targets, mask = x
-            logits, c, stats = self.segment(c, tokens)
-            return (token_loss(logits, targets, mask), stats), c
-
-        xs = tuple(segment_major(batch[k]) for k in ("tokens", "targets", "loss_mask"))
-        ((loss_sums, counts), stats), carry = run_segments(
-            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments
-        )
+        (h, stats), carry = run_segments(self.segment_hidden, carry, init, segment_major(batch["tokens"]),
+                                         segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments,
+                                         unroll=self.cfg.segment_unroll)
+        loss_sum, count = segments_loss(self.decoder, h, batch["targets"], batch["loss_mask"])
         aux = {k: jnp.mean(v) for k, v in stats.items()}
         aux["memory_norm"] = jnp.mean(jnp.linalg.norm(carry["memory"], axis=-1))
-        return jnp.sum(loss_sums), jnp.sum(counts), carry, aux
+        return loss_sum, count, carry, aux
 
     def segment_logits(self, carry, tokens, positions=None, reset=None):
         logits, carry, _ = self.segment(carry, tokens)

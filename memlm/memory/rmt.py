@@ -25,7 +25,7 @@ from flax import nnx
 
 from memlm.layers.attention import causal_mask
 from memlm.models.decoder import Decoder
-from memlm.models.lm import register_model, token_loss
+from memlm.models.lm import register_model, segments_loss
 from memlm.models.segments import run_segments, segment_major
 
 
@@ -56,8 +56,8 @@ class RMT(nnx.Module):
         write_start = self.cfg.max_seq_len - m if self.cfg.rmt.write_positions == "pinned" else m + seg_len
         return jnp.concatenate([jnp.arange(m), m + jnp.arange(seg_len), write_start + jnp.arange(m)])
 
-    def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict]:
-        """tokens [batch, L] -> (logits float32 [batch, L, vocab], {"memory": [batch, m, d]})."""
+    def segment_hidden(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict]:
+        """tokens [batch, L] -> (final-normed text hidden states [batch, L, d], {"memory": [batch, m, d]})."""
         b, seg_len = tokens.shape
         m = self.m
         mem = carry["memory"].astype(self.decoder.compute_dtype)
@@ -65,23 +65,23 @@ class RMT(nnx.Module):
         pos = jnp.broadcast_to(self._positions(seg_len), (b, seg_len + 2 * m))
         order = jnp.broadcast_to(jnp.arange(seg_len + 2 * m), (b, seg_len + 2 * m))
         h = self.decoder.backbone(x, pos, causal_mask(order, order))
-        logits = self.decoder.head(h[:, m : m + seg_len])
-        return logits, {"memory": h[:, m + seg_len :].astype(jnp.float32)}
+        return h[:, m : m + seg_len], {"memory": h[:, m + seg_len :].astype(jnp.float32)}
+
+    def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict]:
+        """tokens [batch, L] -> (logits float32 [batch, L, vocab], {"memory": [batch, m, d]})."""
+        h, carry = self.segment_hidden(carry, tokens)
+        return self.decoder.head(h), carry
 
     # ---- training / inference ------------------------------------------------------------------------------
     def loss(self, carry, batch, bptt_depth: int = -1):
         init = self.init_carry(batch["tokens"].shape[0])
 
-        def seg_fn(c, x):
-            tokens, targets, mask = x
-            logits, c = self.segment(c, tokens)
-            return token_loss(logits, targets, mask), c
-
-        xs = tuple(segment_major(batch[k]) for k in ("tokens", "targets", "loss_mask"))
-        (loss_sums, counts), carry = run_segments(seg_fn, carry, init, xs, segment_major(batch["reset"]),
-                                                  bptt_depth, remat=self.cfg.remat_segments)
+        h, carry = run_segments(self.segment_hidden, carry, init, segment_major(batch["tokens"]),
+                                segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments,
+                                unroll=self.cfg.segment_unroll)
+        loss_sum, count = segments_loss(self.decoder, h, batch["targets"], batch["loss_mask"])
         mem_norm = jnp.mean(jnp.linalg.norm(carry["memory"], axis=-1))
-        return jnp.sum(loss_sums), jnp.sum(counts), carry, {"memory_norm": mem_norm}
+        return loss_sum, count, carry, {"memory_norm": mem_norm}
 
     def segment_logits(self, carry, tokens, positions=None, reset=None):
         return self.segment(carry, tokens)

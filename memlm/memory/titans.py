@@ -41,7 +41,7 @@ from flax import nnx
 from memlm.errors import UserError
 from memlm.memory.titans_layers import AttnContext, TitansBlock
 from memlm.models.decoder import _REMAT_POLICIES, Decoder, make_stacked_blocks
-from memlm.models.lm import register_model, token_loss
+from memlm.models.lm import register_model, segments_loss
 from memlm.models.segments import run_segments, segment_major
 
 CONV_STREAMS = {"mac": ("qx", "qy", "ky", "vy"), "mag": ("q", "k", "v"), "mal": ("q", "k", "v")}
@@ -250,8 +250,8 @@ class Titans(nnx.Module):
         return x, new, stats
 
     # ---- one segment -------------------------------------------------------------------------------------
-    def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict, dict]:
-        """tokens [B, L] (L a multiple of titans.chunk_size) -> (logits f32 [B, L, vocab], new carry, stats)."""
+    def segment_hidden(self, carry: dict, tokens: jax.Array) -> tuple[tuple[jax.Array, dict], dict]:
+        """tokens [B, L] (L a multiple of titans.chunk_size) -> ((final-normed hidden [B, L, d], stats), carry)."""
         b, L = tokens.shape
         if L % self.cfg.titans.chunk_size:
             raise UserError(f"model.titans.chunk_size ({self.cfg.titans.chunk_size}) does not divide the "
@@ -259,21 +259,22 @@ class Titans(nnx.Module):
         dec = self.decoder
         x = dec.add_positions(dec.embed(tokens), jnp.broadcast_to(jnp.arange(L), (b, L)))  # wpe: gpt2 only
         h, carry, stats = self._layers(x, carry, self._contexts(carry, b, L))
-        return dec.head(dec.final_norm(h)), carry, stats
+        return (dec.final_norm(h), stats), carry
+
+    def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict, dict]:
+        """tokens [B, L] -> (logits f32 [B, L, vocab], new carry, stats)."""
+        (h, stats), carry = self.segment_hidden(carry, tokens)
+        return self.decoder.head(h), carry, stats
 
     # ---- training / inference ----------------------------------------------------------------------------
     def loss(self, carry, batch, bptt_depth: int = -1):
         init = self.init_carry(batch["tokens"].shape[0])
 
-        def seg_fn(c, x):
-            tokens, targets, mask = x
-            logits, c, stats = self.segment(c, tokens)
-            return (token_loss(logits, targets, mask), stats), c
-
-        xs = tuple(segment_major(batch[k]) for k in ("tokens", "targets", "loss_mask"))
-        ((loss_sums, counts), stats), carry = run_segments(
-            seg_fn, carry, init, xs, segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments)
-        return jnp.sum(loss_sums), jnp.sum(counts), carry, jax.tree.map(jnp.mean, stats)
+        (h, stats), carry = run_segments(self.segment_hidden, carry, init, segment_major(batch["tokens"]),
+                                         segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments,
+                                         unroll=self.cfg.segment_unroll)
+        loss_sum, count = segments_loss(self.decoder, h, batch["targets"], batch["loss_mask"])
+        return loss_sum, count, carry, jax.tree.map(jnp.mean, stats)
 
     def segment_logits(self, carry, tokens, positions=None, reset=None):
         logits, carry, _ = self.segment(carry, tokens)

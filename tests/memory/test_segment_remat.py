@@ -1,4 +1,5 @@
-"""`model.segment_remat`: the per-segment checkpoint of run_segments can be turned off; gradients unchanged."""
+"""`model.segment_remat` (the per-segment checkpoint of run_segments can be turned off) and `model.segment_unroll`
+(the segment scan unrolled): each changes the program, not the loss or the gradient."""
 
 import jax
 import numpy as np
@@ -56,3 +57,38 @@ def test_segment_remat_changes_the_program_not_the_gradient(kind, extra):
     for a, b in zip(a_all, b_all, strict=True):
         err, ref = np.linalg.norm(a - b), np.linalg.norm(b)
         assert err <= 1e-5 * ref + 1e-8 * total, (err, ref, total)
+
+
+def _scan_unrolls(jaxpr) -> list[int]:
+    """The unroll parameter of every scan at any nesting depth."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            out.append(eqn.params["unroll"])
+        for p in eqn.params.values():
+            for j in p if isinstance(p, (list, tuple)) else [p]:
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    out += _scan_unrolls(inner)
+    return out
+
+
+@pytest.mark.parametrize("kind,extra", KINDS, ids=[k for k, _ in KINDS])
+def test_segment_unroll_changes_the_program_not_the_loss(kind, extra):
+    vals, unrolls = {}, {}
+    for unroll in (1, 4):
+        cfg, model = make(kind, segment_unroll=unroll, **extra)
+        batch = make_batch(cfg, seed=2)
+        gd, params = nnx.split(model)
+
+        def loss(p, gd=gd, batch=batch):
+            m = nnx.merge(gd, p)
+            return m.loss(m.init_carry(2), batch)[0]
+
+        unrolls[unroll] = _scan_unrolls(jax.make_jaxpr(loss)(params).jaxpr)
+        vals[unroll] = jax.value_and_grad(loss)(params)
+    assert 4 in unrolls[4] and 4 not in unrolls[1], unrolls  # the segment scan (4 segments) is unrolled
+    np.testing.assert_allclose(float(vals[4][0]), float(vals[1][0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(vals[4][1]), jax.tree.leaves(vals[1][1]), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12, kind
