@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 HIGHEST = "highest"
 INTERPRET = False  # --smoke: run the Pallas kernels in interpret mode at small shapes (CPU check of this script)
 SMOKE = False
+UNROLL_SWEEP = False  # section unroll_sweep: model_compare's code on unroll_configs() at 16 segments
 
 
 def rel(a, b) -> float:
@@ -268,6 +269,15 @@ GPT2S_MODEL = "model.vocab_size=50257;model.d_model=768;model.n_heads=12;model.n
 TINY = "configs/tiny/"
 
 
+def unroll_configs() -> list[tuple[str, str, str]]:
+    """16 segments: how much of the unrolled scan's gain a partial unroll keeps (and at what compile time)."""
+    rows = [("baseline", TINY + "baseline.yaml", "model.segment_local=true")]
+    rows += [(f"rmt_m0_unroll{u}", TINY + "rmt.yaml", f"model.rmt.num_mem_tokens=0;model.segment_unroll={u}")
+             for u in ((1, 2) if SMOKE else (1, 2, 4, 16))]
+    rows += [("rmt_unroll16", TINY + "rmt.yaml", "model.segment_unroll=16")]
+    return rows
+
+
 def compare_configs(width: str) -> list[tuple[str, str, str]]:
     """(row name, config, overrides) of one model_compare width. rmt_m0 = RMT with no memory tokens: the
     segment-local baseline run one segment after another, i.e. the cost of the sequential scan alone."""
@@ -278,6 +288,8 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
     # the same with the segment scan fully unrolled (model.segment_unroll): straight-line code across segments
     rows += [(name + "_unrolled", path, ";".join(o for o in (extra, "model.segment_unroll=4") if o))
              for name, path, extra in rows[1:3 if SMOKE else 5]]
+    if width == "d512x16":
+        return unroll_configs()
     if width == "d512":
         rows += [("titans_mag", TINY + "titans_mag.yaml", ""),
                  ("titans_mag_linear", TINY + "titans_mag.yaml", "model.titans.memory_depth=1")]
@@ -304,7 +316,9 @@ def section_model_compare() -> dict:
     widths = {"d512": GPU_MODEL, "gpt2s": GPT2S_MODEL}
     if SMOKE:
         widths = {"d512": "train.batch_size=2", "gpt2s": "train.batch_size=2;model.vocab_size=1000"}
-    seg, n = (64, 2) if SMOKE else (512, 4)
+    if UNROLL_SWEEP:
+        widths = {"d512x16": widths["d512"]}
+    seg, n = (64, 2) if SMOKE else (512, 16 if UNROLL_SWEEP else 4)
     out, benches = {}, {}
     t0 = time.perf_counter()
     for width, model in widths.items():
@@ -440,6 +454,15 @@ def section_recall_long() -> dict:
     return out
 
 
+def section_unroll_sweep() -> dict:
+    global UNROLL_SWEEP
+    UNROLL_SWEEP = True
+    try:
+        return section_model_compare()
+    finally:
+        UNROLL_SWEEP = False
+
+
 SECTIONS = {
     "env": section_env,
     "chunked_correct": section_chunked_correct,
@@ -451,6 +474,7 @@ SECTIONS = {
     "recall": section_recall,
     "recall_long": section_recall_long,
     "model_compare": section_model_compare,
+    "unroll_sweep": section_unroll_sweep,
 }
 
 
