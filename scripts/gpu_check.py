@@ -20,6 +20,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -34,6 +35,7 @@ import numpy as np  # noqa: E402
 HIGHEST = "highest"
 INTERPRET = False  # --smoke: run the Pallas kernels in interpret mode at small shapes (CPU check of this script)
 SMOKE = False
+COMPARE_ROWS = ""  # --rows: a regex on model_compare's "width/row" keys (default: all)
 UNROLL_SWEEP = False  # section unroll_sweep: model_compare's code on unroll_configs() at 16 segments
 
 
@@ -270,11 +272,12 @@ TINY = "configs/tiny/"
 
 
 def unroll_configs() -> list[tuple[str, str, str]]:
-    """16 segments: how much of the unrolled scan's gain a partial unroll keeps (and at what compile time)."""
+    """16 segments: the segment scan rolled and unrolled (model.segment_unroll), and its compile time. (Session 5
+    also timed a partial unroll, 2 and 4 of 16, with an integer form of the option: no gain; BENCHMARKS.md.)"""
     rows = [("baseline", TINY + "baseline.yaml", "model.segment_local=true")]
-    rows += [(f"rmt_m0_unroll{u}", TINY + "rmt.yaml", f"model.rmt.num_mem_tokens=0;model.segment_unroll={u}")
-             for u in ((1, 2) if SMOKE else (1, 2, 4, 16))]
-    rows += [("rmt_unroll16", TINY + "rmt.yaml", "model.segment_unroll=16")]
+    rows += [(f"rmt_m0_{tag}", TINY + "rmt.yaml", f"model.rmt.num_mem_tokens=0;model.segment_unroll={u}")
+             for tag, u in (("rolled", "false"), ("unrolled", "true"))]
+    rows += [("rmt", TINY + "rmt.yaml", "")]
     return rows
 
 
@@ -285,21 +288,22 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
             ("rmt_m0", TINY + "rmt.yaml", "model.rmt.num_mem_tokens=0"),
             ("rmt", TINY + "rmt.yaml", "" if width == "d512" else "model.rmt.num_mem_tokens=16"),
             ("hmt", TINY + "hmt.yaml", ""), ("lm2", TINY + "lm2.yaml", "")]
-    # the same with the segment scan fully unrolled (model.segment_unroll): straight-line code across segments
-    rows += [(name + "_unrolled", path, ";".join(o for o in (extra, "model.segment_unroll=4") if o))
+    # the same with the segment scan rolled into a while loop (model.segment_unroll=false, the default before
+    # session 5): what unrolling it gains
+    rows += [(name + "_rolled", path, ";".join(o for o in (extra, "model.segment_unroll=false") if o))
              for name, path, extra in rows[1:3 if SMOKE else 5]]
     if width == "d512x16":
         return unroll_configs()
     if width == "d512":
         rows += [("titans_mag", TINY + "titans_mag.yaml", ""),
                  ("titans_mag_linear", TINY + "titans_mag.yaml", "model.titans.memory_depth=1")]
-        # with the per-layer remat of the paper configs, with and without the per-segment checkpoint
-        # (model.segment_remat=false: one forward fewer per step); ratios against the baseline with the same remat
-        full = "model.remat=full"
-        rows += [("baseline_remat", TINY + "baseline.yaml", "model.segment_local=true;" + full)]
-        rows += [(f"{name}_remat{tag}", path, ";".join(o for o in (extra, full, sr) if o))
-                 for name, path, extra in rows[2:3 if SMOKE else 5]
-                 for tag, sr in (("", ""), ("_no_segment_remat", "model.segment_remat=false"))]
+    # with the per-layer remat of the paper configs, with and without the per-segment checkpoint
+    # (model.segment_remat=false: one forward fewer per step); ratios against the baseline with the same remat
+    full = "model.remat=full"
+    rows += [("baseline_remat", TINY + "baseline.yaml", "model.segment_local=true;" + full)]
+    rows += [(f"{name}_remat{tag}", path, ";".join(o for o in (extra, full, sr) if o))
+             for name, path, extra in rows[2:3 if SMOKE else 5]
+             for tag, sr in (("", ""), ("_no_segment_remat", "model.segment_remat=false"))]
     return rows
 
 
@@ -324,6 +328,8 @@ def section_model_compare() -> dict:
     for width, model in widths.items():
         for name, path, extra in compare_configs(width):
             key = f"{width}/{name}"
+            if not re.search(COMPARE_ROWS, key):
+                continue
             try:
                 b = bench._Bench(path, [o for o in (model + ";" + extra).split(";") if o], seg, n, compile=False)
                 benches[key] = b
@@ -484,10 +490,12 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=420.0, help="skip sections that start after this many s")
     p.add_argument("--only", default="", help="comma-separated section names (default: all)")
     p.add_argument("--smoke", action="store_true", help="CPU check of this script: interpreted kernels, small shapes")
+    p.add_argument("--rows", default="", help="model_compare: only the rows whose 'width/name' matches this regex")
     p.add_argument("--recall-job", default="", help=argparse.SUPPRESS)  # internal: one RECALL_JOBS run
     a = p.parse_args()
-    global INTERPRET, SMOKE
+    global INTERPRET, SMOKE, COMPARE_ROWS
     INTERPRET = SMOKE = a.smoke
+    COMPARE_ROWS = a.rows
     if a.recall_job:
         recall_job(a.recall_job)
         return 0

@@ -39,13 +39,13 @@ def run_segments(
     reset: jax.Array,
     bptt_depth: int = -1,
     remat: bool = True,
-    unroll: int = 1,
+    unroll: bool = False,
 ) -> tuple[Any, Carry]:
     """Scan `segment_fn(carry, x_i) -> (out_i, carry)` over the leading (segment) axis of `xs`.
 
     xs: pytree with leading axis n_segments (segment-major); reset: bool [n_segments, batch].
-    unroll: lax.scan's unroll factor (model.segment_unroll). Returns (stacked outputs [n_segments, ...], final
-    carry).
+    unroll: unroll the scan fully (model.segment_unroll; a while loop otherwise). Returns (stacked outputs
+    [n_segments, ...], final carry).
     """
     fn = jax.checkpoint(segment_fn, prevent_cse=False) if remat else segment_fn
     n = reset.shape[0]
@@ -59,7 +59,7 @@ def run_segments(
         out, c = fn(c, x)
         return c, out
 
-    carry, outs = jax.lax.scan(body, carry, (jnp.arange(n), xs, reset), unroll=min(unroll, max(n, 1)))
+    carry, outs = jax.lax.scan(body, carry, (jnp.arange(n), xs, reset), unroll=max(n, 1) if unroll else 1)
     return outs, carry
 
 
