@@ -208,9 +208,10 @@ class ModelConfig(_Strict):
     segment_unroll: bool = Field(
         True,
         description="segment-recurrent models: unroll the lax.scan over segments into straight-line code (the "
-        "same math). On an H200 the rolled loop cost 1.4-1.6x the segment-local baseline's step for the loop "
-        "alone, unrolled 1.07-1.11x (BENCHMARKS.md); a partial unroll did not help. Compile time grows with the "
-        "number of segments; false keeps one loop body",
+        "same math). On an H200 the rolled loop cost 1.46-1.59x the segment-local baseline's step for the loop "
+        "alone, unrolled 1.07-1.11x (BENCHMARKS.md). Not applied while segment_remat checkpoints the segments: "
+        "unrolled, the compiler may schedule every segment's recomputation early and keep them all alive (RMT "
+        "paper config: 22.0 vs 3.1 GiB per device). Compile time grows with the number of segments",
     )
     attention_impl: Literal["xla", "reference"] = "xla"
     segment_local: bool = Field(
@@ -233,6 +234,11 @@ class ModelConfig(_Strict):
     def remat_segments(self) -> bool:
         """Whether run_segments checkpoints each segment (segment_remat, unless remat=none)."""
         return self.segment_remat and self.remat != "none"
+
+    @property
+    def unroll_segments(self) -> bool:
+        """Whether run_segments unrolls the segment loop (segment_unroll, unless segments are checkpointed)."""
+        return self.segment_unroll and not self.remat_segments
 
     @property
     def kv_heads(self) -> int:

@@ -43,8 +43,8 @@ from flax import nnx
 from memlm.errors import UserError
 from memlm.layers.attention import NEG_INF, _linear, causal_mask
 from memlm.models.decoder import Decoder
-from memlm.models.lm import register_model, segments_loss
-from memlm.models.segments import run_segments, segment_major
+from memlm.models.lm import register_model
+from memlm.models.segments import segment_major, segments_lm_loss
 
 
 class HMT(nnx.Module):
@@ -137,6 +137,11 @@ class HMT(nnx.Module):
 
     def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict, dict]:
         """Streaming form: tokens [B, L] -> (logits f32 [B, L, vocab], new carry, stats of scalars)."""
+        (h, stats), carry = self.segment_hidden(carry, (tokens, *self._summaries(carry, tokens)))
+        return self.decoder.head(h), carry, stats
+
+    def _summaries(self, carry: dict, tokens: jax.Array):
+        """One segment's (query S_n or None, next_summary or None) for segment_hidden; tokens [B, L]."""
         seg_len = tokens.shape[1]
         j = self._check(seg_len)
         query = next_summary = None
@@ -144,14 +149,14 @@ class HMT(nnx.Module):
             query = carry["summary"] if self.carry_summary else self.summarise(tokens[:, :j])
         if self.carry_summary:  # causal: the next segment's query summarises the end of this one
             next_summary = self.summarise(tokens[:, seg_len - j :])
-        (h, stats), carry = self.segment_hidden(carry, (tokens, query, next_summary))
-        return self.decoder.head(h), carry, stats
+        return query, next_summary
 
     def segment_hidden(self, carry: dict, x) -> tuple[tuple[jax.Array, dict], dict]:
         """One segment given its summaries. x = (tokens [B, L], query S_n [B, d] or None (stage 1),
         next_summary [B, d] or None (carried for the next segment)) -> ((final-normed text hidden [B, L, d],
         stats), new carry). The summaries depend on the tokens and parameters only, never on the memory, so
-        `loss` computes every segment's at once outside the sequential scan."""
+        `loss` can compute every segment's at once outside the sequential scan (without the per-segment
+        checkpoint; with it they stay inside, so memory stays flat in the number of segments)."""
         tokens, query, next_summary = x
         b, seg_len = tokens.shape
         k, dec = self.k, self.decoder
@@ -214,12 +219,17 @@ class HMT(nnx.Module):
         mask = batch["loss_mask"]
         if self.cfg.hmt.loss_segments == "last":  # the official code: CE on the final segment only
             mask = jnp.zeros_like(mask).at[:, -1].set(mask[:, -1])
-        queries, next_summaries = self._all_summaries(batch["tokens"], carry)
-        xs = (segment_major(batch["tokens"]), queries, next_summaries)
-        (h, stats), carry = run_segments(self.segment_hidden, carry, init, xs, segment_major(batch["reset"]),
-                                         bptt_depth, remat=self.cfg.remat_segments,
-                                         unroll=self.cfg.segment_unroll)
-        loss_sum, count = segments_loss(self.decoder, h, batch["targets"], mask)
+        tokens = segment_major(batch["tokens"])
+        if self.cfg.remat_segments:  # summaries inside each checkpointed segment
+
+            def fn(c, toks):
+                return self.segment_hidden(c, (toks, *self._summaries(c, toks)))
+
+            xs = tokens
+        else:  # every segment's summary in one batched pass before the scan
+            fn, xs = self.segment_hidden, (tokens, *self._all_summaries(batch["tokens"], carry))
+        loss_sum, count, stats, carry = segments_lm_loss(fn, self.decoder.head, carry, init, xs, batch, mask,
+                                                         self.cfg, bptt_depth)
         aux = {k: jnp.mean(v) for k, v in stats.items()}
         aux["memory_norm"] = jnp.mean(jnp.linalg.norm(carry["last_mem"], axis=-1))
         aux["cache_fill"] = jnp.mean(carry["valid"])

@@ -48,8 +48,8 @@ from flax import nnx
 from memlm.errors import UserError
 from memlm.layers.attention import NEG_INF, _linear, causal_mask
 from memlm.models.decoder import _REMAT_POLICIES, Block, Decoder, make_stacked_blocks
-from memlm.models.lm import register_model, segments_loss
-from memlm.models.segments import run_segments, segment_major
+from memlm.models.lm import register_model
+from memlm.models.segments import segment_major, segments_lm_loss
 from memlm.sharding import constrain
 
 MEM_AXES = ("batch", "mem_slots", "act_embed")
@@ -200,10 +200,9 @@ class LM2(nnx.Module):
     def loss(self, carry, batch, bptt_depth: int = -1):
         init = self.init_carry(batch["tokens"].shape[0])
 
-        (h, stats), carry = run_segments(self.segment_hidden, carry, init, segment_major(batch["tokens"]),
-                                         segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments,
-                                         unroll=self.cfg.segment_unroll)
-        loss_sum, count = segments_loss(self.decoder, h, batch["targets"], batch["loss_mask"])
+        loss_sum, count, stats, carry = segments_lm_loss(self.segment_hidden, self.decoder.head, carry, init,
+                                                         segment_major(batch["tokens"]), batch, batch["loss_mask"],
+                                                         self.cfg, bptt_depth)
         aux = {k: jnp.mean(v) for k, v in stats.items()}
         aux["memory_norm"] = jnp.mean(jnp.linalg.norm(carry["memory"], axis=-1))
         return loss_sum, count, carry, aux

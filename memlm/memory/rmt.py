@@ -25,8 +25,8 @@ from flax import nnx
 
 from memlm.layers.attention import causal_mask
 from memlm.models.decoder import Decoder
-from memlm.models.lm import register_model, segments_loss
-from memlm.models.segments import run_segments, segment_major
+from memlm.models.lm import register_model
+from memlm.models.segments import segment_major, segments_lm_loss
 
 
 class RMT(nnx.Module):
@@ -56,8 +56,8 @@ class RMT(nnx.Module):
         write_start = self.cfg.max_seq_len - m if self.cfg.rmt.write_positions == "pinned" else m + seg_len
         return jnp.concatenate([jnp.arange(m), m + jnp.arange(seg_len), write_start + jnp.arange(m)])
 
-    def segment_hidden(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict]:
-        """tokens [batch, L] -> (final-normed text hidden states [batch, L, d], {"memory": [batch, m, d]})."""
+    def segment_hidden(self, carry: dict, tokens: jax.Array) -> tuple[tuple[jax.Array, dict], dict]:
+        """tokens [batch, L] -> ((final-normed text hidden states [batch, L, d], {}), {"memory": [batch, m, d]})."""
         b, seg_len = tokens.shape
         m = self.m
         mem = carry["memory"].astype(self.decoder.compute_dtype)
@@ -65,21 +65,19 @@ class RMT(nnx.Module):
         pos = jnp.broadcast_to(self._positions(seg_len), (b, seg_len + 2 * m))
         order = jnp.broadcast_to(jnp.arange(seg_len + 2 * m), (b, seg_len + 2 * m))
         h = self.decoder.backbone(x, pos, causal_mask(order, order))
-        return h[:, m : m + seg_len], {"memory": h[:, m + seg_len :].astype(jnp.float32)}
+        return (h[:, m : m + seg_len], {}), {"memory": h[:, m + seg_len :].astype(jnp.float32)}
 
     def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict]:
         """tokens [batch, L] -> (logits float32 [batch, L, vocab], {"memory": [batch, m, d]})."""
-        h, carry = self.segment_hidden(carry, tokens)
+        (h, _), carry = self.segment_hidden(carry, tokens)
         return self.decoder.head(h), carry
 
     # ---- training / inference ------------------------------------------------------------------------------
     def loss(self, carry, batch, bptt_depth: int = -1):
         init = self.init_carry(batch["tokens"].shape[0])
-
-        h, carry = run_segments(self.segment_hidden, carry, init, segment_major(batch["tokens"]),
-                                segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments,
-                                unroll=self.cfg.segment_unroll)
-        loss_sum, count = segments_loss(self.decoder, h, batch["targets"], batch["loss_mask"])
+        loss_sum, count, _, carry = segments_lm_loss(self.segment_hidden, self.decoder.head, carry, init,
+                                                     segment_major(batch["tokens"]), batch, batch["loss_mask"],
+                                                     self.cfg, bptt_depth)
         mem_norm = jnp.mean(jnp.linalg.norm(carry["memory"], axis=-1))
         return loss_sum, count, carry, {"memory_norm": mem_norm}
 

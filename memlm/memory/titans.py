@@ -41,8 +41,8 @@ from flax import nnx
 from memlm.errors import UserError
 from memlm.memory.titans_layers import AttnContext, TitansBlock
 from memlm.models.decoder import _REMAT_POLICIES, Decoder, make_stacked_blocks
-from memlm.models.lm import register_model, segments_loss
-from memlm.models.segments import run_segments, segment_major
+from memlm.models.lm import register_model
+from memlm.models.segments import segment_major, segments_lm_loss
 
 CONV_STREAMS = {"mac": ("qx", "qy", "ky", "vy"), "mag": ("q", "k", "v"), "mal": ("q", "k", "v")}
 
@@ -270,10 +270,9 @@ class Titans(nnx.Module):
     def loss(self, carry, batch, bptt_depth: int = -1):
         init = self.init_carry(batch["tokens"].shape[0])
 
-        (h, stats), carry = run_segments(self.segment_hidden, carry, init, segment_major(batch["tokens"]),
-                                         segment_major(batch["reset"]), bptt_depth, remat=self.cfg.remat_segments,
-                                         unroll=self.cfg.segment_unroll)
-        loss_sum, count = segments_loss(self.decoder, h, batch["targets"], batch["loss_mask"])
+        loss_sum, count, stats, carry = segments_lm_loss(self.segment_hidden, self.decoder.head, carry, init,
+                                                         segment_major(batch["tokens"]), batch, batch["loss_mask"],
+                                                         self.cfg, bptt_depth)
         return loss_sum, count, carry, jax.tree.map(jnp.mean, stats)
 
     def segment_logits(self, carry, tokens, positions=None, reset=None):

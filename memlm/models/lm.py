@@ -31,19 +31,6 @@ def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def segments_loss(decoder: Decoder, h: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The LM head and cross-entropy of every segment at once, after the sequential segment scan.
-
-    h: final-normed text hidden states [n_segments, batch, L, d_model] (run_segments' stacked outputs);
-    targets, mask: [batch, n_segments, L]. Returns (summed CE, number of positions). Nothing in the head depends
-    on the memory carry, so it runs once on n_segments x the tokens instead of inside the scan (bigger matmuls on
-    an accelerator; no head recompute under segment remat).
-    """
-    n, b, seg_len, d = h.shape
-    logits = decoder.head(jnp.swapaxes(h, 0, 1).reshape(b, n * seg_len, d))  # batch stays the leading (split) axis
-    return token_loss(logits, targets.reshape(b, n * seg_len), mask.reshape(b, n * seg_len))
-
-
 class BaselineLM(nnx.Module):
     """The decoder with no memory.
 

@@ -8,6 +8,12 @@ Used by every segment-recurrent memory model (RMT, HMT, LM2, Titans-MAC). Per se
 
 The cut is applied before the reset so the learned initial memory always receives gradient (a cut at i=0
 would zero it). Truncation depth k = -1 (or 0) means full backpropagation through all segments.
+
+`segments_lm_loss` adds the LM head and cross-entropy. Where they run is a memory/speed choice, not math:
+with the per-segment checkpoint (model.segment_remat under a per-layer remat) inside each checkpointed segment,
+so only one segment's logits are alive at a time and activation memory stays flat in the number of segments;
+without it once over all segments after the scan (n_segments x larger matmuls; the logits then take the
+full-sequence baseline's footprint, which is what that setting keeps anyway).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from memlm.models.lm import token_loss
 
 Carry = Any
 
@@ -47,7 +55,8 @@ def run_segments(
     unroll: unroll the scan fully (model.segment_unroll; a while loop otherwise). Returns (stacked outputs
     [n_segments, ...], final carry).
     """
-    fn = jax.checkpoint(segment_fn, prevent_cse=False) if remat else segment_fn
+    # prevent_cse=False is only safe inside a loop: unrolled, XLA could merge the recomputation with the forward
+    fn = jax.checkpoint(segment_fn, prevent_cse=not unroll) if remat else segment_fn
     n = reset.shape[0]
 
     def body(c, inp):
@@ -66,3 +75,39 @@ def run_segments(
 def segment_major(x: jax.Array) -> jax.Array:
     """[batch, n_segments, ...] -> [n_segments, batch, ...]."""
     return jnp.swapaxes(x, 0, 1)
+
+
+def segments_lm_loss(
+    segment_hidden: Callable[[Carry, Any], tuple[tuple[jax.Array, dict], Carry]],
+    head: Callable[[jax.Array], jax.Array],
+    carry: Carry,
+    init_carry: Carry,
+    xs: Any,
+    batch: dict,
+    loss_mask: jax.Array,
+    cfg,
+    bptt_depth: int = -1,
+) -> tuple[jax.Array, jax.Array, dict, Carry]:
+    """run_segments plus the LM loss. segment_hidden(carry, x_i) -> ((final-normed text hidden [B, L, d], stats),
+    carry); head: [B, T, d] -> logits [B, T, vocab]; xs: segment-major inputs; batch["targets"], loss_mask:
+    [B, n_segments, L]; cfg: the model config (remat_segments, unroll_segments).
+
+    Returns (summed CE, number of positions, stats stacked over segments [n_segments, ...], final carry).
+    """
+    reset = segment_major(batch["reset"])
+    run = lambda fn, x: run_segments(fn, carry, init_carry, x, reset, bptt_depth, cfg.remat_segments,
+                                     cfg.unroll_segments)
+    if cfg.remat_segments:  # head + loss inside the checkpointed segment: one segment's logits at a time
+
+        def seg_fn(c, x):
+            x_i, targets, mask = x
+            (h, stats), c = segment_hidden(c, x_i)
+            return (token_loss(head(h), targets, mask), stats), c
+
+        ((sums, counts), stats), carry = run(seg_fn, (xs, segment_major(batch["targets"]), segment_major(loss_mask)))
+        return jnp.sum(sums), jnp.sum(counts), stats, carry
+    (h, stats), carry = run(segment_hidden, xs)  # h [n, B, L, d]
+    n, b, seg_len, d = h.shape
+    logits = head(jnp.swapaxes(h, 0, 1).reshape(b, n * seg_len, d))  # batch stays the leading (split) axis
+    loss_sum, count = token_loss(logits, batch["targets"].reshape(b, n * seg_len), loss_mask.reshape(b, n * seg_len))
+    return loss_sum, count, stats, carry

@@ -88,6 +88,12 @@ def test_segment_unroll_changes_the_program_not_the_loss(kind, extra):
         unrolls[unroll] = _scan_unrolls(jax.make_jaxpr(loss)(params).jaxpr)
         vals[unroll] = jax.value_and_grad(loss)(params)
     assert 4 in unrolls[True] and 4 not in unrolls[False], unrolls  # the segment scan (4 segments) is unrolled
+    # with the per-segment checkpoint the loop stays rolled (unrolled, XLA may recompute every segment up front)
+    cfg, model = make(kind, segment_unroll=True, remat="full", **extra)
+    gd, params = nnx.split(model)
+    batch = make_batch(cfg, seed=2)
+    rolled = _scan_unrolls(jax.make_jaxpr(lambda p: nnx.merge(gd, p).loss(model.init_carry(2), batch)[0])(params).jaxpr)
+    assert cfg.model.remat_segments and 4 not in rolled, rolled
     np.testing.assert_allclose(float(vals[True][0]), float(vals[False][0]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(vals[True][1]), jax.tree.leaves(vals[False][1]), strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
