@@ -39,6 +39,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--memory-steps", type=int, default=4000)
     p.add_argument("--segments", type=int, default=2, help="warm-start: segments of 8 tokens (2 = 1-hop)")
+    p.add_argument("--stages", default=None, help='warm-start: the memory model\'s curriculum as JSON, e.g. '
+                   '"[[2, 500], [3, 3000]]" (overrides --segments / --memory-steps)')
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -54,9 +56,10 @@ def main() -> int:
     if a.prefix != 1:
         p.error("warm-start pre-trains with --prefix 1 (tests/memory/test_recall_learning.py::warm_start)")
     model = json.loads(a.model) if a.model else trl.RECIPES["rmt"]["model"]
-    res = trl.warm_start(model, a.steps, [(a.segments, a.memory_steps)], a.lr, a.seed, log_every=500)
-    print(json.dumps({"mode": a.mode, "model": model, "pretrain_steps": a.steps, "memory_steps": a.memory_steps,
-                      "segments": a.segments, "lr": a.lr, "seed": a.seed, "backbone_loss": res["backbone_loss"],
+    stages = [tuple(x) for x in json.loads(a.stages)] if a.stages else [(a.segments, a.memory_steps)]
+    res = trl.warm_start(model, a.steps, stages, a.lr, a.seed, log_every=500)
+    print(json.dumps({"mode": a.mode, "model": model, "pretrain_steps": a.steps, "stages": stages, "lr": a.lr,
+                      "seed": a.seed, "backbone_loss": res["backbone_loss"],
                       "acc": res["acc"], "per_answer": res["per_answer"]}))
     return 0
 
