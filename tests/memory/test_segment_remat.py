@@ -19,17 +19,20 @@ KINDS = [
 ]
 
 
-def _count_remat(jaxpr) -> int:
-    """Checkpoint (remat) equations at any nesting depth of a jaxpr (scan / cond / remat bodies included)."""
-    n = 0
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr at any nesting depth (scan / cond / remat bodies included)."""
     for eqn in jaxpr.eqns:
-        n += eqn.primitive.name in ("checkpoint", "remat", "remat2")
+        yield eqn
         for p in eqn.params.values():
             for j in p if isinstance(p, (list, tuple)) else [p]:
                 inner = getattr(j, "jaxpr", j)  # ClosedJaxpr -> Jaxpr
                 if hasattr(inner, "eqns"):
-                    n += _count_remat(inner)
-    return n
+                    yield from _all_eqns(inner)
+
+
+def _count_remat(jaxpr) -> int:
+    """Checkpoint (remat) equations at any nesting depth."""
+    return sum(e.primitive.name in ("checkpoint", "remat", "remat2") for e in _all_eqns(jaxpr))
 
 
 @pytest.mark.parametrize("kind,extra", KINDS, ids=[k for k, _ in KINDS])
@@ -61,16 +64,7 @@ def test_segment_remat_changes_the_program_not_the_gradient(kind, extra):
 
 def _scan_unrolls(jaxpr) -> list[int]:
     """The unroll parameter of every scan at any nesting depth."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan":
-            out.append(eqn.params["unroll"])
-        for p in eqn.params.values():
-            for j in p if isinstance(p, (list, tuple)) else [p]:
-                inner = getattr(j, "jaxpr", j)
-                if hasattr(inner, "eqns"):
-                    out += _scan_unrolls(inner)
-    return out
+    return [e.params["unroll"] for e in _all_eqns(jaxpr) if e.primitive.name == "scan"]
 
 
 @pytest.mark.parametrize("kind,extra", KINDS, ids=[k for k, _ in KINDS])
