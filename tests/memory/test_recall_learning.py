@@ -194,8 +194,12 @@ RECIPES = {
     "hmt": {"model": {"kind": "hmt", "hmt": {"num_sensory": 8, "cache_size": 4, "recall_dim": 64}}, "lr": 1e-3,
             "full": [(2, 300), (3, 1200)], "ci": [(2, 200), (3, 100)], "ci_min": 0.4},
     "lm2": {"model": {"kind": "lm2", "lm2": {"num_slots": 8, "num_heads": 4}}, "lr": 3e-3,
-            "full": [(3, 2000)], "ci": [(3, 800)], "ci_min": 0.25},
+            "full": [(3, 2000)], "ci": [(3, 1200)], "ci_min": 0.25},
 }
+# LM2's CI run was 800 steps until session 5, when unrolling the segment loop changed XLA's float rounding (the loss
+# and gradient agree with the old program to 3e-8) and seed 0 landed at 17.3% instead of 41.6% (31.0% with the loop
+# rolled): at 800 steps the "set" solution is still forming, and when is trajectory-dependent. With 1,200 steps,
+# seeds 0 / 1 / 2: 48.7% / 68.1% / 38.6%.
 BASELINE = {"kind": "baseline", "segment_local": True}
 BASELINE_FULL = {"kind": "baseline"}
 CHANCE = 1 / 16
