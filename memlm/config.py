@@ -208,8 +208,8 @@ class ModelConfig(_Strict):
     segment_unroll: bool = Field(
         True,
         description="segment-recurrent models: unroll the lax.scan over segments into straight-line code (the "
-        "same math). On an H200 the rolled loop cost 1.46-1.59x the segment-local baseline's step for the loop "
-        "alone, unrolled 1.07-1.11x (BENCHMARKS.md). Not applied while segment_remat checkpoints the segments: "
+        "same math). On an H200 the rolled loop cost 1.46-1.60x the segment-local baseline's step for the loop "
+        "alone, unrolled 1.07-1.14x (BENCHMARKS.md). Not applied while segment_remat checkpoints the segments: "
         "unrolled, the compiler may schedule every segment's recomputation early and keep them all alive (RMT "
         "paper config: 22.0 vs 3.1 GiB per device). Compile time grows with the number of segments",
     )

@@ -199,7 +199,6 @@ class LM2(nnx.Module):
     # ---- training / inference ------------------------------------------------------------------------------
     def loss(self, carry, batch, bptt_depth: int = -1):
         init = self.init_carry(batch["tokens"].shape[0])
-
         loss_sum, count, stats, carry = segments_lm_loss(self.segment_hidden, self.decoder.head, carry, init,
                                                          segment_major(batch["tokens"]), batch, batch["loss_mask"],
                                                          self.cfg, bptt_depth)
