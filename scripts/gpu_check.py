@@ -284,6 +284,8 @@ def unroll_configs() -> list[tuple[str, str, str]]:
 def compare_configs(width: str) -> list[tuple[str, str, str]]:
     """(row name, config, overrides) of one model_compare width. rmt_m0 = RMT with no memory tokens: the
     segment-local baseline run one segment after another, i.e. the cost of the sequential scan alone."""
+    if width == "d512x16":
+        return unroll_configs()
     rows = [("baseline", TINY + "baseline.yaml", "model.segment_local=true"),
             ("rmt_m0", TINY + "rmt.yaml", "model.rmt.num_mem_tokens=0"),
             ("rmt", TINY + "rmt.yaml", "" if width == "d512" else "model.rmt.num_mem_tokens=16"),
@@ -292,8 +294,6 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
     # session 5): what unrolling it gains
     rows += [(name + "_rolled", path, ";".join(o for o in (extra, "model.segment_unroll=false") if o))
              for name, path, extra in rows[1:3 if SMOKE else 5]]
-    if width == "d512x16":
-        return unroll_configs()
     if width == "d512":
         rows += [("titans_mag", TINY + "titans_mag.yaml", ""),
                  ("titans_mag_linear", TINY + "titans_mag.yaml", "model.titans.memory_depth=1")]
