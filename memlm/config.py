@@ -94,6 +94,11 @@ class LM2Config(_Strict):
         description="causal per-token gates (default) or the official code's sequence-mean gate, which leaks "
         "future tokens into earlier positions",
     )
+    write_routing: Literal["position", "read_weights"] = Field(
+        "position",
+        description="how a segment's T per-token updates map onto the N slots: by position (the official code's "
+        "time-to-slot resampling, done at the segment's end: causal; default) or by each token's read weights",
+    )
 
 
 class TitansConfig(_Strict):

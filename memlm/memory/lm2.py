@@ -14,13 +14,21 @@ Every decoder block t owns a memory bank M_t in R^{N x d} per sequence (the carr
                   "g_out · M_t"; it is what we add.
   write (§2.2):   g_in = sigma(E W_in), g_forget = sigma(E_mem W_forget) per token, and
                   M_{t+1} = g_in * tanh(E_mem) + g_forget * M_t. Here too the token axis (T) must be mapped
-                  onto the slot axis (N): we apply the per-token update to each slot in proportion to how
-                  much the token read that slot (A averaged over heads, w[t, n]):
-                      alpha[t, n] = w[t, n] / max(sum_t w[t, n], 1)
+                  onto the slot axis (N); the paper does not say how. With a routing matrix alpha [T, N] whose
+                  columns sum to at most 1:
                       M'[n] = sum_t alpha[t, n] (g_in[t] * tanh(E_mem[t]) + g_forget[t] * M[n])
                               + (1 - sum_t alpha[t, n]) M[n]
-                  i.e. a slot read by at least one token's worth of attention gets the attention-weighted mean
-                  of the paper's update; a slot nobody read is kept.
+                  `write_routing: position` (default) is the official code's mapping: the code resamples the
+                  sequence in time onto the S slots (adaptive average pooling when T > S, interpolation when
+                  T < S; T = S in its model, so token i updates slot i). We do the same without touching the
+                  read: for T >= N slot n takes the mean update of the tokens t with floor(t N / T) = n (a
+                  contiguous bucket; adaptive average pooling when N divides T), for T < N the update of token
+                  floor(n T / N) (nearest-neighbour upsampling). It runs at the segment's end, so it is causal.
+                  `write_routing: read_weights` (memlm's own choice, a flag) sends each token's update to the slots it
+                  read, in proportion to its read weights (A averaged over heads, w[t, n]):
+                  alpha[t, n] = w[t, n] / max(sum_t w[t, n], 1), so a slot nobody read is kept.
+                  Measured (BENCHMARKS.md "Associative recall"): on the recall task, warm-started, position
+                  routing learns the key/value binding and read-weight routing stays on the 75% plateau.
 
 CAUSALITY (`gate_mode: causal`, default): the memory is updated once per segment, from that segment's tokens,
 after they were processed; every token of a segment reads the memory as it was at the segment start. So
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from memlm.errors import UserError
@@ -55,6 +64,20 @@ from memlm.sharding import constrain
 MEM_AXES = ("batch", "mem_slots", "act_embed")
 
 
+def position_routing(num_tokens: int, num_slots: int) -> np.ndarray:
+    """float32 [num_tokens, num_slots] routing of `write_routing: position` (module docstring); column n sums to 1.
+
+    num_tokens >= num_slots: token i updates slot floor(i N / T) and column n averages its bucket;
+    num_tokens < num_slots: slot n takes token floor(n T / N)."""
+    t, n = num_tokens, num_slots
+    alpha = np.zeros((t, n), np.float32)
+    if t >= n:
+        alpha[np.arange(t), np.arange(t) * n // t] = 1.0
+    else:
+        alpha[np.arange(n) * t // n, np.arange(n)] = 1.0
+    return alpha / alpha.sum(0, keepdims=True)
+
+
 class LM2Memory(nnx.Module):
     """One block's memory read / gates / write. Memory arrays are float32 [B, N, d]."""
 
@@ -63,6 +86,7 @@ class LM2Memory(nnx.Module):
         self.heads = cfg.lm2.num_heads
         self.top_k = cfg.lm2.top_k
         self.leaky = cfg.lm2.gate_mode == "sequence_mean_leaky"
+        self.by_position = cfg.lm2.write_routing == "position"
         self.wq = _linear(d, d, ("embed", "heads"), cfg, rngs, std)
         self.wk = _linear(d, d, ("embed", "heads"), cfg, rngs, std)
         self.wv = _linear(d, d, ("embed", "heads"), cfg, rngs, std)
@@ -87,13 +111,17 @@ class LM2Memory(nnx.Module):
         return out.reshape(b, t, d), jnp.mean(a, axis=1)
 
     def write(self, e, e_mem, w, mem) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The §2.2 update, slot-routed by the read weights w [B, T, N]. Returns (M' [B, N, d], g_in, g_forget)."""
+        """The §2.2 update, token t -> slot n routed by position or by the read weights w [B, T, N].
+        Returns (M' [B, N, d], g_in, g_forget)."""
         g_in = jax.nn.sigmoid(self.w_in(e).astype(jnp.float32))
         g_f = jax.nn.sigmoid(self.w_forget(e_mem.astype(e.dtype)).astype(jnp.float32))
         if self.leaky:  # official-code style: one sequence-mean update for every slot (uses future tokens)
             cand = jnp.mean(g_in, axis=1) * jnp.mean(jnp.tanh(e_mem), axis=1)  # [B, d]
             return cand[:, None] + jnp.mean(g_f, axis=1)[:, None] * mem, g_in, g_f
-        alpha = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)  # [B, T, N]
+        if self.by_position:
+            alpha = jnp.broadcast_to(jnp.asarray(position_routing(w.shape[1], w.shape[2])), w.shape)
+        else:
+            alpha = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)  # [B, T, N]
         # the two T-contractions run in the compute dtype with float32 accumulation; M itself stays float32
         dt, f32 = e.dtype, jnp.float32
         cand = jnp.einsum("btn,btd->bnd", alpha.astype(dt), (g_in * jnp.tanh(e_mem)).astype(dt),

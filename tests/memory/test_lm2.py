@@ -34,24 +34,33 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-@pytest.mark.parametrize("top_k", [0, 3])
-def test_memory_module_matches_the_paper_equations(top_k):
+def _slot_tokens(n: int, num_tokens: int, num_slots: int) -> list[int]:
+    """The tokens whose updates slot n averages under `write_routing: position`, spelled out."""
+    if num_tokens >= num_slots:  # contiguous buckets, as adaptive average pooling
+        return [t for t in range(num_tokens) if int(t * num_slots / num_tokens) == n]
+    return [int(n * num_tokens / num_slots)]  # nearest-neighbour upsampling
+
+
+@pytest.mark.parametrize("top_k,routing,tokens", [(0, "read_weights", 5), (3, "read_weights", 5),
+                                                  (0, "position", 5), (3, "position", 7), (0, "position", 12)])
+def test_memory_module_matches_the_paper_equations(top_k, routing, tokens):
     cfg = from_dict({"model": {"kind": "lm2", "d_model": 8, "n_heads": 2, "dtype": "float32",
-                               "lm2": {"num_slots": 6, "num_heads": 2, "top_k": top_k}}}).model
+                               "lm2": {"num_slots": 6, "num_heads": 2, "top_k": top_k,
+                                       "write_routing": routing}}}).model
     with sharding.activate(sharding.make_mesh(1, 1, 1, jax.devices()[:1])):
         mod = LM2Memory(cfg, nnx.Rngs(1))
     rng = np.random.default_rng(0)
-    e, mem = rng.normal(size=(2, 5, 8)), rng.normal(size=(2, 6, 8))
+    e, mem = rng.normal(size=(2, tokens, 8)), rng.normal(size=(2, 6, 8))
     gated, new, _ = mod(jnp.asarray(e, jnp.float32), jnp.asarray(mem, jnp.float32))
     W = {n: np.asarray(getattr(mod, n).kernel[...], np.float64)
          for n in ("wq", "wk", "wv", "w_out", "w_in", "w_forget")}
     for b in range(2):
         # read (§2.1): per head softmax(Q K^T / sqrt(d_h)) V over the slots (top-k slots only if set)
-        e_mem, wsum = np.zeros((5, 8)), np.zeros((5, 6))
+        e_mem, wsum = np.zeros((tokens, 8)), np.zeros((tokens, 6))
         for h in range(2):
             sl = slice(4 * h, 4 * h + 4)
             q, k, v = e[b] @ W["wq"][:, sl], mem[b] @ W["wk"][:, sl], mem[b] @ W["wv"][:, sl]
-            for t in range(5):
+            for t in range(tokens):
                 s = q[t] @ k.T / 2.0
                 keep = np.argsort(-s)[:top_k] if top_k else np.arange(6)
                 a = np.zeros(6)
@@ -60,11 +69,14 @@ def test_memory_module_matches_the_paper_equations(top_k):
                 wsum[t] += a / 2
         g_out, g_in, g_f = _sigmoid(e_mem @ W["w_out"]), _sigmoid(e[b] @ W["w_in"]), _sigmoid(e_mem @ W["w_forget"])
         np.testing.assert_allclose(np.asarray(gated[b]), g_out * e_mem, rtol=1e-4, atol=1e-6)
-        # write (§2.2) routed to slot n by the read weights: alpha_t = w[t,n] / max(sum_t w[t,n], 1)
         for n in range(6):
-            alpha = wsum[:, n] / max(wsum[:, n].sum(), 1.0)
-            ref = sum(alpha[t] * (g_in[t] * np.tanh(e_mem[t]) + g_f[t] * mem[b, n]) for t in range(5))
-            ref = ref + (1 - alpha.sum()) * mem[b, n]
+            # the paper's M' = g_in * tanh(E_mem) + g_forget * M, for each token t, into slot n
+            update = [g_in[t] * np.tanh(e_mem[t]) + g_f[t] * mem[b, n] for t in range(tokens)]
+            if routing == "position":  # slot n <- the mean update of its tokens
+                ref = np.mean([update[t] for t in _slot_tokens(n, tokens, 6)], axis=0)
+            else:  # routed by the read weights: alpha_t = w[t,n] / max(sum_t w[t,n], 1)
+                alpha = wsum[:, n] / max(wsum[:, n].sum(), 1.0)
+                ref = sum(alpha[t] * update[t] for t in range(tokens)) + (1 - alpha.sum()) * mem[b, n]
             np.testing.assert_allclose(np.asarray(new[b, n]), ref, rtol=1e-4, atol=1e-6)
 
 
@@ -85,9 +97,10 @@ def test_zero_value_projection_is_the_segment_local_baseline(arch):
     assert float(n_lm2) == float(n_base)
 
 
-@pytest.mark.parametrize("gate_mode,leaks", [("causal", False), ("sequence_mean_leaky", True)])
-def test_causality_and_the_leaky_official_gate(gate_mode, leaks):
-    cfg, model = lm2(gate_mode=gate_mode)
+@pytest.mark.parametrize("gate_mode,routing,leaks", [("causal", "position", False), ("causal", "read_weights", False),
+                                                      ("sequence_mean_leaky", "position", True)])
+def test_causality_and_the_leaky_official_gate(gate_mode, routing, leaks):
+    cfg, model = lm2(gate_mode=gate_mode, write_routing=routing)
     tokens = make_batch(cfg)["tokens"].reshape(2, -1)
     ref = stream_logits(model, tokens, 8)
     for t in (2, 7, 8, 13, 21):  # inside a segment and at boundaries
@@ -103,6 +116,7 @@ def test_causality_and_the_leaky_official_gate(gate_mode, leaks):
 @pytest.mark.parametrize("kind,extra,expect_change", [
     ("lm2", {"lm2": LM2}, True),
     ("lm2", {"lm2": {**LM2, "top_k": 4}}, True),
+    ("lm2", {"lm2": {**LM2, "write_routing": "read_weights"}}, True),
     ("baseline", {"segment_local": True}, False),
 ])
 def test_segment_one_reaches_segment_three(kind, extra, expect_change):
@@ -171,6 +185,8 @@ def test_config_errors():
         from_dict({"model": {"kind": "lm2", "lm2": {"num_slots": 0}}})
     with pytest.raises(UserError, match="model.lm2.gate_mode"):
         from_dict({"model": {"kind": "lm2", "lm2": {"gate_mode": "mean"}}})
+    with pytest.raises(UserError, match="model.lm2.write_routing"):
+        from_dict({"model": {"kind": "lm2", "lm2": {"write_routing": "content"}}})
     with pytest.raises(UserError, match="model.lm2 is set"):
         from_dict({"model": {"kind": "hmt", "lm2": {"num_slots": 4}}})
     # keys that contradict the model are checked when it is built

@@ -25,7 +25,9 @@ and RMT with the whole document in one segment does too. The `warm_start` recipe
 on the one-segment task with a 1-token prefix at lr 1e-3 (it binds) and gives it to the memory model:
 `test_recall_full_warm_start` reaches the issue's >= 90% for RMT (96.8%) and HMT (98.5%) once the backbone is
 pre-trained long enough to bind on every seed tried (6,000 steps); the segment-local baseline with the same backbone
-stays at chance. LM2 stays on the plateau.
+stays at chance. LM2 reached it once in session 6 (100%), with its writes routed to the slots by position (the
+official code's time-to-slot mapping, now `lm2.write_routing`'s default) and 2 segments before 3; with writes routed
+by the read weights it stayed on the plateau in every recipe tried. Not yet robust: 1 of 5 runs (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memlm import sharding
+from memlm import distributed, sharding
 from memlm.config import from_dict
 from memlm.convert import flat as flat_lib
 from memlm.data.synthetic import AssociativeRecallCorpus
@@ -147,12 +149,21 @@ def one_segment_batch(corpus, start: int, n: int, prefix: int) -> dict[str, np.n
 def train_one_segment(model: dict, prefix: int, steps: int, lr: float, seed: int = 0, batch: int = 32,
                       log_every: int = 0, doc: tuple[int, int] = (3, 8)) -> tuple[object, object, float]:
     """Train `model` on the one-segment task (the doc[0] x doc[1] document in one segment: nothing to carry);
-    returns (setup, params, last training loss)."""
+    returns (setup, params, held-out loss): the answer loss on 256 documents of corpus seed 1 (not the last training
+    batch's loss, which spikes at a constant lr: 0.25 at step 6,000 of a seed-0 run whose loss was 2e-4 at 5,000)."""
     cfg = make_cfg(model, 1, doc[0] * doc[1] + prefix, steps, lr, batch, 50, {"min_lr_ratio": 1.0})
     corpus = AssociativeRecallCorpus(10**9, doc[0], doc[1], seed=0, num_pairs=2)
-    setup, params, metrics, _ = fit(cfg, lambda i: one_segment_batch(corpus, i * batch, batch, prefix), seed,
-                                    None, log_every, label=f"one segment, prefix {prefix}: loss")
-    return setup, params, float(metrics["loss"])
+    setup, params, _, _ = fit(cfg, lambda i: one_segment_batch(corpus, i * batch, batch, prefix), seed,
+                              None, log_every, label=f"one segment, prefix {prefix}: loss")
+    held_out = AssociativeRecallCorpus(10**9, doc[0], doc[1], seed=1, num_pairs=2)
+    evaluate, carry = setup_lib.jit_eval_step(setup), setup_lib.init_carry(setup, params)
+    loss_sum = count = 0.0
+    with setup.activate():
+        for i in range(256 // batch):
+            b = distributed.to_global(one_segment_batch(held_out, i * batch, batch, prefix), setup.batch_sh)
+            s, n, _ = evaluate(params, carry, b)
+            loss_sum, count = loss_sum + float(s), count + float(n)
+    return setup, params, loss_sum / count
 
 
 def give_backbone(cfg, params, backbone):
@@ -174,7 +185,7 @@ def warm_start(model: dict, pretrain_steps: int, stages: list[tuple[int, int]], 
                seed: int = 0, log_every: int = 0) -> dict:
     """Pre-train the plain baseline on the one-segment task with a 1-token prefix, copy its decoder into a fresh
     `model` (RMT / HMT: the same Decoder), then train `model` through `stages` as `train` does.
-    Returns train()'s dict plus "backbone_loss" (the pre-training's last loss; the plateau is 0.35)."""
+    Returns train()'s dict plus "backbone_loss" (the pre-trained backbone's held-out loss; the plateau is 0.35)."""
     _, backbone, backbone_loss = train_one_segment(BASELINE_FULL, 1, pretrain_steps, lr, seed, log_every=log_every)
     cfg = make_cfg(model, stages[0][0], 8, 1, lr, 32, 50)
     setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
@@ -199,7 +210,7 @@ RECIPES = {
 # LM2's CI run was 800 steps until session 5, when unrolling the segment loop changed XLA's float rounding (the loss
 # and gradient agree with the old program to 3e-8) and seed 0 landed at 17.3% instead of 41.6% (31.0% with the loop
 # rolled): at 800 steps the "set" solution is still forming, and when is trajectory-dependent. With 1,200 steps,
-# seeds 0 / 1 / 2: 48.7% / 68.1% / 38.6%.
+# seeds 0 / 1 / 2: 48.7% / 68.1% / 38.6%; with position-routed writes (session 6) 52.0% (pytest) / 34.7% / 47.9%.
 BASELINE = {"kind": "baseline", "segment_local": True}
 BASELINE_FULL = {"kind": "baseline"}
 CHANCE = 1 / 16
@@ -259,17 +270,22 @@ def test_recall_full(kind):
 # HMT keeps its two stages (2 segments: the pairs reach the query through its sensory memory; then 3).
 # 6,000 pre-training steps (session 5): with 3,000, seed 1's backbone had not bound yet (loss 0.26; RMT then
 # 89.4%, HMT 76.3%); with 6,000 its loss is 4e-5 and HMT reaches 95.2% (1-device process).
-WARM = {"rmt": (6000, [(3, 2000)]), "hmt": (6000, [(2, 500), (3, 3000)])}
+# LM2 (session 6, position-routed writes) can learn the binding one segment away (in one run its loss left the plateau
+# after ~4,000-5,500 steps) and then carries it two segments within ~1,000 more steps; trained on 3 segments directly
+# it stayed on the plateau (12,000 steps). When the 1-segment-away binding appears is a lottery: BENCHMARKS.md.
+WARM = {"rmt": (6000, [(3, 2000)]), "hmt": (6000, [(2, 500), (3, 3000)]), "lm2": (6000, [(2, 6000), (3, 2000)])}
+LM2_WARM_XFAIL = pytest.mark.xfail(reason="LM2 bound in 1 of 5 warm-start runs (100% then; 74.8% under pytest with "
+                                   "the same seed): BENCHMARKS.md 'Associative recall'", strict=False)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize("kind", ["rmt", "hmt"])
+@pytest.mark.parametrize("kind", ["rmt", "hmt", pytest.param("lm2", marks=LM2_WARM_XFAIL)])
 def test_recall_full_warm_start(kind):
     """Issue #3's >= 90% with the query 2 segments after the pairs, from a backbone that binds (warm_start).
     Measured with 6,000 pre-training steps (session 5) under pytest: RMT 96.8%, HMT 98.5%; HMT seed 1 95.2%
     (1-device process). With 3,000 (session 4): RMT 94.0%, HMT 73.6% under pytest but 96.1% in a 1-device
-    process. LM2 is not here: with the same recipe it stays on the plateau (72-76%, BENCHMARKS.md)."""
+    process. LM2 (session 6): 100% in a 1-device process (seed 0), 74.8% under pytest (same seed, other rounding)."""
     pretrain, stages = WARM[kind]
     res = warm_start(RECIPES[kind]["model"], pretrain, stages, log_every=500)
     print(f"\nrecall {kind} warm start: backbone loss {res['backbone_loss']:.3f}, stages {stages}: acc "
