@@ -28,7 +28,9 @@ Every decoder block t owns a memory bank M_t in R^{N x d} per sequence (the carr
                   read, in proportion to its read weights (A averaged over heads, w[t, n]):
                   alpha[t, n] = w[t, n] / max(sum_t w[t, n], 1), so a slot nobody read is kept.
                   Measured (BENCHMARKS.md "Associative recall"): on the recall task, warm-started, position
-                  routing learns the key/value binding and read-weight routing stays on the 75% plateau.
+                  routing learns the key/value binding and read-weight routing stays on the 75% plateau (with 1
+                  or 4 memory heads): at the start every token reads the slots almost uniformly, so read-weight
+                  routing writes the same segment average into every slot and no slot can specialise.
 
 CAUSALITY (`gate_mode: causal`, default): the memory is updated once per segment, from that segment's tokens,
 after they were processed; every token of a segment reads the memory as it was at the segment start. So
