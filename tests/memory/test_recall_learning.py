@@ -41,12 +41,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memlm import distributed, sharding
+from memlm import sharding
 from memlm.config import from_dict
 from memlm.convert import flat as flat_lib
 from memlm.data.synthetic import AssociativeRecallCorpus
 from memlm.models.lm import memory_module
 from memlm.train import setup as setup_lib
+from memlm.train.loop import evaluate_loss
 from tests.memory.common import fit, recall_batch
 
 pytestmark = pytest.mark.integration
@@ -157,14 +158,9 @@ def train_one_segment(model: dict, prefix: int, steps: int, lr: float, seed: int
     setup, params, _, _ = fit(cfg, lambda i: one_segment_batch(corpus, i * batch, batch, prefix), seed,
                               None, log_every, label=f"one segment, prefix {prefix}: loss")
     held_out = AssociativeRecallCorpus(10**9, doc[0], doc[1], seed=1, num_pairs=2)
-    evaluate, carry = setup_lib.jit_eval_step(setup), setup_lib.init_carry(setup, params)
-    loss_sum = count = 0.0
-    with setup.activate():
-        for i in range(256 // batch):
-            b = distributed.to_global(one_segment_batch(held_out, i * batch, batch, prefix), setup.batch_sh)
-            s, n, _ = evaluate(params, carry, b)
-            loss_sum, count = loss_sum + float(s), count + float(n)
-    return setup, params, loss_sum / count
+    batches = [one_segment_batch(held_out, i * batch, batch, prefix) for i in range(256 // batch)]
+    loss = evaluate_loss(setup, setup_lib.jit_eval_step(setup), params, batches, list(range(batch)))
+    return setup, params, loss
 
 
 def give_backbone(cfg, params, backbone):
