@@ -2,6 +2,8 @@
 
 Both sides use the same chunk semantics (gradients at the chunk-start weights, paper §3.2), so their
 outputs must agree to float32 round-off. Compile time is excluded; each time is the min of `repeats`.
+Timed twice: the forward alone, and forward + backward (gradients of a fixed random linear function of
+y and the final state w.r.t. every input: what training runs, the case paper §3.2 parallelises).
 
     .venv/bin/python -m pallas_kernels.chunked_memory.bench --T 4096 --d 64 --batch 4 --chunk 64
 """
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.chunked_memory.reference import chunked_memory_reference
-from pallas_kernels.chunked_memory.xla import chunked_memory_xla
+from pallas_kernels.chunked_memory.xla import chunked_memory_xla, default_coefficient_scan
 
 
 def make_inputs(T: int, d: int, batch: int, depth: int, hidden: int | None = None, seed: int = 0):
@@ -51,27 +53,52 @@ def _time(fn, args, repeats: int) -> float:
     return best
 
 
-def run(T: int = 4096, d: int = 64, batch: int = 4, chunk_size: int = 64, depth: int = 1,
-        repeats: int = 5, retrieve_after_update: bool = False, path: str = "auto") -> dict:
-    """Time both forms (seconds, min over repeats) and compare outputs and final states.
+def _with_backward(fn, args):
+    """jit(grad) of sum(y * Ry) + sum(M * RM) + sum(S * RS) w.r.t. all inputs, fixed random R."""
+    y, M, S = jax.eval_shape(fn, *args)
+    r = np.random.default_rng(1)
+    weights = [jnp.asarray(r.normal(size=x.shape), jnp.float32) for x in jax.tree.leaves((y, M, S))]
 
-    path: xla.chunked_memory_xla's path ('auto', 'linear', 'factored', 'per_token')."""
+    def loss(*a):
+        return sum(jnp.sum(x * w) for x, w in zip(jax.tree.leaves(fn(*a)), weights))
+
+    return jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+
+
+def run(T: int = 4096, d: int = 64, batch: int = 4, chunk_size: int = 64, depth: int = 1,
+        repeats: int = 5, retrieve_after_update: bool = False, path: str = "auto",
+        backward: bool = True, coefficient_scan: str | None = None) -> dict:
+    """Time both forms (seconds, min over repeats) and compare outputs and final states; with backward,
+    also forward + backward and the gradients.
+
+    path: xla.chunked_memory_xla's path ('auto', 'linear', 'factored', 'per_token');
+    coefficient_scan: its coefficient_scan ('associative', 'sequential', None = the backend's default)."""
     args = make_inputs(T, d, batch, depth)
     kw = dict(chunk_size=chunk_size, retrieve_after_update=retrieve_after_update)
     seq = jax.jit(lambda *a: chunked_memory_reference(*a, **kw))
-    par = jax.jit(lambda *a: chunked_memory_xla(*a, path=path, **kw))
+    par = jax.jit(lambda *a: chunked_memory_xla(*a, path=path, coefficient_scan=coefficient_scan, **kw))
     t_seq = _time(seq, args, repeats)
     t_par = _time(par, args, repeats)
     ref, out = seq(*args), par(*args)
     diff = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
                                                                              jax.tree.leaves(b)))
     finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((ref, out)))
-    return dict(T=T, d=d, batch=batch, chunk_size=chunk_size, depth=depth, path=path, finite=finite,
-                backend=jax.default_backend(),
-                sequential_s=t_seq, chunked_s=t_par, speedup=t_seq / t_par,
-                max_abs_diff_y=diff(ref[0], out[0]), max_abs_diff_state=diff(ref[1:], out[1:]),
-                max_abs_y=float(jnp.max(jnp.abs(ref[0]))),
-                max_abs_state=max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ref[1:])))
+    res = dict(T=T, d=d, batch=batch, chunk_size=chunk_size, depth=depth, path=path, finite=finite,
+               coefficient_scan=coefficient_scan or default_coefficient_scan(),
+               backend=jax.default_backend(),
+               sequential_s=t_seq, chunked_s=t_par, speedup=t_seq / t_par,
+               max_abs_diff_y=diff(ref[0], out[0]), max_abs_diff_state=diff(ref[1:], out[1:]),
+               max_abs_y=float(jnp.max(jnp.abs(ref[0]))),
+               max_abs_state=max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ref[1:])))
+    if backward:
+        seq_g, par_g = _with_backward(seq, args), _with_backward(par, args)
+        t_seq_g, t_par_g = _time(seq_g, args, repeats), _time(par_g, args, repeats)
+        g_ref, g_out = seq_g(*args), par_g(*args)
+        res.update(sequential_fwd_bwd_s=t_seq_g, chunked_fwd_bwd_s=t_par_g, speedup_fwd_bwd=t_seq_g / t_par_g,
+                   max_abs_diff_grad=diff(g_ref, g_out),
+                   max_abs_grad=max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_ref)),
+                   finite_grad=all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((g_ref, g_out))))
+    return res
 
 
 def main() -> None:
@@ -83,8 +110,12 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--path", default="auto", choices=["auto", "linear", "factored", "per_token"])
+    p.add_argument("--no-backward", action="store_true", help="time the forward only")
+    p.add_argument("--coefficient-scan", choices=["associative", "sequential"], default=None,
+                   help="how the chunk coefficients are computed (default: sequential on CPU)")
     a = p.parse_args()
-    print(json.dumps(run(a.T, a.d, a.batch, a.chunk, a.depth, a.repeats, path=a.path)))
+    print(json.dumps(run(a.T, a.d, a.batch, a.chunk, a.depth, a.repeats, path=a.path,
+                         backward=not a.no_backward, coefficient_scan=a.coefficient_scan)))
 
 
 if __name__ == "__main__":

@@ -75,38 +75,82 @@ def scan_with_init(a: jax.Array, inc, init):
     return out
 
 
+def _basis_rows_associative(th, et, be):
+    """S, M coefficient rows [nc, b, n] over the basis [W0, S0, u_1 .. u_b] (n = b + 2), for gates
+    th, et, be [nc, b]: two lax.associative_scans per chunk (log-depth: what accelerators run)."""
+    nc, b = th.shape
+    n = b + 2
+    m0 = jnp.zeros((n,), th.dtype).at[0].set(1.0)
+    s0 = jnp.zeros((n,), th.dtype).at[1].set(1.0)
+
+    def per_chunk(th, et, be):
+        inc = -th[:, None] * jnp.eye(b, n, k=2, dtype=th.dtype)   # -theta_j e_{u_j}
+        S = scan_with_init(et, inc, s0)
+        return S, scan_with_init(be, S, m0)
+
+    return jax.vmap(per_chunk)(th, et, be)
+
+
+def _basis_rows_sequential(th, et, be):
+    """Same rows as _basis_rows_associative, from one lax.scan over the b positions of every chunk at
+    once (each step is a few [nc, n] multiply-adds; cheaper than the associative scans on CPU)."""
+    nc, b = th.shape
+    n = b + 2
+    s0 = jnp.zeros((nc, n), th.dtype).at[:, 1].set(1.0)
+    m0 = jnp.zeros((nc, n), th.dtype).at[:, 0].set(1.0)
+
+    def step(carry, xs):
+        s, m = carry
+        th_j, et_j, be_j, unit_j = xs                              # [nc], [nc], [nc], [n]
+        s = et_j[:, None] * s - th_j[:, None] * unit_j
+        m = be_j[:, None] * m + s
+        return (s, m), (s, m)
+
+    xs = (th.T, et.T, be.T, jnp.eye(b, n, k=2, dtype=th.dtype))
+    _, (S, M) = lax.scan(step, (s0, m0), xs)
+    return jnp.swapaxes(S, 0, 1), jnp.swapaxes(M, 0, 1)
+
+
+COEFFICIENT_SCANS = {"associative": _basis_rows_associative, "sequential": _basis_rows_sequential}
+
+
+def default_coefficient_scan() -> str:
+    """'sequential' on CPU (measured faster there, forward and backward: BENCHMARKS.md "Kernels"),
+    'associative' (log-depth, few kernel launches) on GPU and TPU."""
+    return "sequential" if jax.default_backend() == "cpu" else "associative"
+
+
 def chunk_coefficients(theta: jax.Array, eta: jax.Array, alpha: jax.Array, chunk_size: int,
-                       retrieve_after_update: bool) -> dict[str, jax.Array]:
+                       retrieve_after_update: bool, scan: str | None = None) -> dict[str, jax.Array]:
     """Scalar chunk coefficients of the linear-memory form, for ONE sequence.
 
     theta, eta, alpha [T] -> G, H, CW, CS [T, 1]; C [T, b] (row t: coefficients of its chunk's
     k_i^T e_i in the weights that y_t reads, zero for i later than that); g, h, e [T/b, 1, 1].
-    Both scans run on basis vectors [W0, S0, u_1 .. u_b], so they are exact (no divisions by
-    cumulative products, which underflow when a gate is 0).
+    The recurrences S_j = eta_j S_{j-1} - theta_j u_j, M_j = (1 - alpha_j) M_{j-1} + S_j run on basis
+    vectors [W0, S0, u_1 .. u_b], so they are exact (no divisions by cumulative products, which underflow
+    when a gate is 0). scan: 'associative' | 'sequential' | None (default_coefficient_scan()); the two
+    give the same rows (tested), they differ in speed only.
     """
     b = chunk_size
     nc = theta.shape[0] // b
-    n = b + 2
-
-    def per_chunk(th, et, ga):
-        inc = -th[:, None] * jnp.eye(b, n, k=2, dtype=th.dtype)   # -theta_j e_{u_j}
-        m0 = jnp.zeros((n,), th.dtype).at[0].set(1.0)
-        s0 = jnp.zeros((n,), th.dtype).at[1].set(1.0)
-        S = scan_with_init(et, inc, s0)                            # [b, n]  momentum coefficients
-        M = scan_with_init(ga, S, m0)                              # [b, n]  weight coefficients
-        R = M if retrieve_after_update else jnp.concatenate([m0[None], M[:-1]], axis=0)
-        return (R[:, 0:1], R[:, 1:2], R[:, 2:], M[-1, 2:, None], S[-1, 2:, None],
-                M[-1, 0].reshape(1, 1), M[-1, 1].reshape(1, 1), S[-1, 1].reshape(1, 1))
-
-    G, H, C, CW, CS, g, h, e = jax.vmap(per_chunk)(
-        theta.reshape(nc, b), eta.reshape(nc, b), 1.0 - alpha.reshape(nc, b))
+    rows = COEFFICIENT_SCANS[scan or default_coefficient_scan()]
+    S, M = rows(theta.reshape(nc, b), eta.reshape(nc, b), 1.0 - alpha.reshape(nc, b))  # [nc, b, n]
+    if retrieve_after_update:
+        R = M
+    else:  # token j reads M_{j-1}; the first token of a chunk reads M0 (basis vector 0)
+        m0 = jnp.zeros((nc, 1, b + 2), theta.dtype).at[:, :, 0].set(1.0)
+        R = jnp.concatenate([m0, M[:, :-1]], axis=1)
     flat = lambda x: x.reshape((nc * b,) + x.shape[2:])
-    return dict(G=flat(G), H=flat(H), C=flat(C), CW=flat(CW), CS=flat(CS), g=g, h=h, e=e)
+    return dict(G=flat(R[:, :, 0:1]), H=flat(R[:, :, 1:2]), C=flat(R[:, :, 2:]),
+                CW=flat(M[:, -1, 2:, None]), CS=flat(S[:, -1, 2:, None]),
+                g=M[:, -1, 0].reshape(nc, 1, 1), h=M[:, -1, 1].reshape(nc, 1, 1),
+                e=S[:, -1, 1].reshape(nc, 1, 1))
 
 
-def coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update) -> dict[str, jax.Array]:
+def coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update,
+                         scan: str | None = None) -> dict[str, jax.Array]:
     """chunk_coefficients over a batch: [batch, T] gates -> dict of [batch, ...] arrays."""
-    fn = lambda th, et, al: chunk_coefficients(th, et, al, chunk_size, retrieve_after_update)
+    fn = lambda th, et, al: chunk_coefficients(th, et, al, chunk_size, retrieve_after_update, scan)
     return jax.vmap(fn)(theta, eta, alpha)
 
 
@@ -309,6 +353,7 @@ def chunked_memory_xla(
     activation: str = "silu",
     remat: bool = True,
     path: str = "auto",
+    coefficient_scan: str | None = None,
 ) -> tuple[jax.Array, Params, Params]:
     """Chunked parallel form. q, k [B, T, d_k]; v [B, T, d_v]; gates [B, T]; params and momentum0 tuples
     of [B, d_in, d_out]. Returns y [B, T, d_v], final params, final momentum (at least float32).
@@ -316,6 +361,7 @@ def chunked_memory_xla(
     path: 'auto' ('linear' for depth 1, else 'factored'); 'linear' (depth 1: the kernels' matmul form);
     'factored' (any depth, outer-product gradients, no per-token weights); 'per_token' (any depth,
     vmap(grad) + scans on per-token weight copies). All compute the same function.
+    coefficient_scan: chunk_coefficients' scan ('associative' | 'sequential' | None = by backend).
     """
     dt = jnp.promote_types(q.dtype, jnp.float32)
     cast = lambda x: x.astype(dt)
@@ -328,7 +374,7 @@ def chunked_memory_xla(
         fn = lambda *a: _per_token_sequence(*a, chunk_size, retrieve_after_update, activation, remat)
         y, M, S = jax.vmap(fn)(q, k, v, theta, eta, alpha, params, momentum)
         return y, tuple(M), tuple(S)
-    c = coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
+    c = coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update, coefficient_scan)
     if path == "linear":
         if len(params) != 1:
             raise ValueError(f"path='linear' needs depth 1, got {len(params)}")

@@ -157,6 +157,27 @@ def test_outer_gradients_match_reference(depth, b, after):
         assert float(jnp.max(jnp.abs(g))) > 1e-3
 
 
+@pytest.mark.parametrize("after", [False, True])
+def test_coefficient_scans_agree(after):
+    """Both ways of computing the chunk coefficients (CPU: 'sequential', GPU/TPU: 'associative') give the
+    same values and gradients, with gates at exactly 0 and 1; the tests above run the CPU default."""
+    _, _, _, theta, eta, alpha, _, _ = make(edge_gates=True)
+    coeffs = {scan: jax.jit(lambda *g, scan=scan: xla.coefficients_batched(*g, 8, after, scan))
+              for scan in ("associative", "sequential")}
+    got, want = coeffs["associative"](theta, eta, alpha), coeffs["sequential"](theta, eta, alpha)
+    assert sorted(got) == sorted(want)
+    assert_close([got[n] for n in sorted(got)], [want[n] for n in sorted(want)], what="coefficients")
+    assert xla.default_coefficient_scan() == "sequential"  # what the other tests on this CPU exercise
+
+    r = np.random.default_rng(3)
+    weights = {n: jnp.asarray(r.normal(size=x.shape), x.dtype) for n, x in want.items()}
+    grads = {scan: jax.jit(jax.grad(lambda *g, f=f: sum(jnp.sum(f(*g)[n] * weights[n]) for n in weights),
+                                    (0, 1, 2)))(theta, eta, alpha)
+             for scan, f in coeffs.items()}
+    assert_close(grads["associative"], grads["sequential"], what="coefficient gradients")
+    assert min(float(jnp.max(jnp.abs(g))) for g in grads["sequential"]) > 1e-3
+
+
 @pytest.mark.parametrize("depth,after", [(1, False), (1, True), (2, False)])
 def test_causality(depth, after):
     args = make(depth)
@@ -274,3 +295,5 @@ def test_bench_runs_and_agrees():
     assert res["sequential_s"] > 0 and res["chunked_s"] > 0
     assert res["max_abs_diff_y"] <= F32_TOL * max(1.0, res["max_abs_y"])
     assert res["max_abs_diff_state"] <= F32_TOL * max(1.0, res["max_abs_state"])
+    assert res["finite_grad"] and res["sequential_fwd_bwd_s"] > 0 and res["chunked_fwd_bwd_s"] > 0
+    assert res["max_abs_diff_grad"] <= F32_TOL * max(1.0, res["max_abs_grad"])
