@@ -3,8 +3,9 @@
 Titans (arXiv 2501.00663) §3.2, eq. 16-18; the chunk algebra is documented in xla.py.
 
 Split of work:
-- XLA computes the scalar chunk coefficients from theta/eta/alpha (two associative scans on [T, b+2]
-  basis vectors, `xla.chunk_coefficients`); their gradients come from XLA autodiff of that function.
+- XLA computes the scalar chunk coefficients from theta/eta/alpha (recurrences on [T, b+2] basis vectors,
+  `xla.chunk_coefficients`: associative scans on GPU, one sequential scan in interpret mode on CPU); their
+  gradients come from XLA autodiff of that function.
 - Forward kernel, grid (batch,): one program per sequence keeps W and S [d_k, d_v] in registers and
   loops over chunks (fori_loop), doing the d-dimensional matmul work of each chunk
   (E = 2(KW - V), Y = G QW + H QS + (C o QK^T) E, W' = gW + hS + K^T(CW E), S' = eS + K^T(CS E)).
