@@ -213,7 +213,7 @@ def section_chunked_time() -> dict:
 
 def section_coefficients_time() -> dict:
     """The chunk coefficients (xla.chunk_coefficients) forward + backward, both scans: on CPU the sequential
-    scan over the chunk's positions is 1.5-3.4x faster; GPU keeps the associative scans until this says
+    scan over the chunk's positions is 1.4-3.2x faster; GPU keeps the associative scans until this says
     otherwise. Shapes: MAG's d512 rows (batch 16 x 8 memory heads, 512-token segments, chunks of 16 and 64)
     and the chunked_time shape."""
     from pallas_kernels.chunked_memory import xla

@@ -9,7 +9,7 @@ for local tokens j = 1..b the recurrences
 are linear with known inputs: two scans with the operator (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)
 (momentum with a = eta, decay with a = 1 - alpha). `chunk_coefficients` runs them on scalar coefficient
 vectors, as lax.associative_scan (GPU, TPU) or as one lax.scan over the chunk's b positions (CPU, where it
-is 1.5-3.4x faster forward + backward; BENCHMARKS.md "Kernels").
+is 1.4-3.2x faster forward + backward at the bench and model shapes; BENCHMARKS.md "Kernels").
 
 Linear memory (depth 1, M(x) = x W): u_j = k_j^T e_j with e_j = 2 (k_j W0 - v_j). Running the two scans
 on coefficient vectors over the basis [W0, S0, u_1 .. u_b] gives, without materialising per-token
