@@ -212,10 +212,11 @@ def section_chunked_time() -> dict:
 
 
 def section_coefficients_time() -> dict:
-    """The chunk coefficients (xla.chunk_coefficients) forward + backward, both scans: on CPU the sequential
-    scan over the chunk's positions is 1.4-3.2x faster; GPU keeps the associative scans until this says
-    otherwise. Shapes: MAG's d512 rows (batch 16 x 8 memory heads, 512-token segments, chunks of 16 and 64)
-    and the chunked_time shape."""
+    """The chunk coefficients (xla.chunk_coefficients) forward + backward, all three forms: on CPU the
+    sequential scan over the chunk's positions is 1.4-3.2x faster than the associative scans and the doubling
+    closed form (no loop, ~44 batched matmuls, forward + backward) 4-18x slower; GPU keeps the associative scans
+    until this says which is fastest there. Shapes: MAG's d512 rows (batch 16 x 8 memory heads, 512-token
+    segments, chunks of 16 and 64) and the chunked_time shape."""
     from pallas_kernels.chunked_memory import xla
 
     out = {}
@@ -226,15 +227,16 @@ def section_coefficients_time() -> dict:
                                                              r.uniform(0.5, 0.9, size=(B, T)),
                                                              0.01 * r.uniform(size=(B, T))))
         row, grads = {}, {}
-        for scan in ("associative", "sequential"):
+        for scan in ("associative", "sequential", "doubling"):
             def loss(*g, scan=scan, b=b):
                 c = xla.coefficients_batched(*g, b, False, scan)
                 return sum(jnp.sum(jnp.sin(x)) for x in c.values())
             fb = jax.jit(jax.grad(loss, (0, 1, 2)))
             row[f"{scan}_fwd_bwd_ms"] = median_ms(fb, gates, 20)
             grads[scan] = fb(*gates)
-        row["sequential_over_associative"] = row["sequential_fwd_bwd_ms"] / row["associative_fwd_bwd_ms"]
-        row["grad_rel_diff"] = max(rel(a, c) for a, c in zip(grads["sequential"], grads["associative"]))
+        for scan in ("sequential", "doubling"):
+            row[f"{scan}_over_associative"] = row[f"{scan}_fwd_bwd_ms"] / row["associative_fwd_bwd_ms"]
+            row[f"{scan}_grad_rel_diff"] = max(rel(a, c) for a, c in zip(grads[scan], grads["associative"]))
         out[f"B{B}_T{T}_chunk{b}"] = row
     return out
 

@@ -72,7 +72,7 @@ def run(T: int = 4096, d: int = 64, batch: int = 4, chunk_size: int = 64, depth:
     also forward + backward and the gradients.
 
     path: xla.chunked_memory_xla's path ('auto', 'linear', 'factored', 'per_token');
-    coefficient_scan: its coefficient_scan ('associative', 'sequential', None = the backend's default)."""
+    coefficient_scan: its coefficient_scan ('associative', 'sequential', 'doubling', None = the backend's default)."""
     args = make_inputs(T, d, batch, depth)
     kw = dict(chunk_size=chunk_size, retrieve_after_update=retrieve_after_update)
     seq = jax.jit(lambda *a: chunked_memory_reference(*a, **kw))
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--path", default="auto", choices=["auto", "linear", "factored", "per_token"])
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
-    p.add_argument("--coefficient-scan", choices=["associative", "sequential"], default=None,
+    p.add_argument("--coefficient-scan", choices=["associative", "sequential", "doubling"], default=None,
                    help="how the chunk coefficients are computed (default: sequential on CPU)")
     a = p.parse_args()
     print(json.dumps(run(a.T, a.d, a.batch, a.chunk, a.depth, a.repeats, path=a.path,

@@ -9,7 +9,8 @@ for local tokens j = 1..b the recurrences
 are linear with known inputs: two scans with the operator (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)
 (momentum with a = eta, decay with a = 1 - alpha). `chunk_coefficients` runs them on scalar coefficient
 vectors, as lax.associative_scan (GPU, TPU) or as one lax.scan over the chunk's b positions (CPU, where it
-is 1.4-3.2x faster forward + backward at the bench and model shapes; BENCHMARKS.md "Kernels").
+is 1.4-3.2x faster forward + backward at the bench and model shapes; BENCHMARKS.md "Kernels"); a closed
+form by matrix doubling ('doubling', no loop) is kept for measuring on accelerators.
 
 Linear memory (depth 1, M(x) = x W): u_j = k_j^T e_j with e_j = 2 (k_j W0 - v_j). Running the two scans
 on coefficient vectors over the basis [W0, S0, u_1 .. u_b] gives, without materialising per-token
@@ -113,7 +114,45 @@ def _basis_rows_sequential(th, et, be):
     return jnp.swapaxes(S, 0, 1), jnp.swapaxes(M, 0, 1)
 
 
-COEFFICIENT_SCANS = {"associative": _basis_rows_associative, "sequential": _basis_rows_sequential}
+def _decay_matrix(a: jax.Array) -> jax.Array:
+    """L[..., j, i] = a_{i+1} a_{i+2} ... a_j for i <= j (1 on the diagonal), 0 above. a [..., b] -> [..., b, b].
+
+    L = (I - N)^-1 = sum_{m < b} N^m for the nilpotent N with a_j on the subdiagonal, summed by doubling:
+    S <- S + P S, P <- P P, ceil(log2 b) times (2 ceil(log2 b) - 1 batched [b, b] matmuls at full float32
+    precision). Products only, no logs or divisions: gates of exactly 0 or 1 are exact, values and gradients."""
+    b = a.shape[-1]
+    hi = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on GPU
+    eye = jnp.eye(b, dtype=a.dtype)
+    P = jnp.eye(b, k=-1, dtype=a.dtype) * a[..., :, None]     # N: row j holds a_j at column j - 1
+    S = jnp.broadcast_to(eye, P.shape)
+    steps = max(1, (b - 1).bit_length())
+    for k in range(steps):
+        S = S + jnp.matmul(P, S, precision=hi)
+        if k + 1 < steps:
+            P = jnp.matmul(P, P, precision=hi)
+    return S
+
+
+def _basis_rows_doubling(th, et, be):
+    """Same rows as _basis_rows_associative in closed form: decay matrices by doubling (_decay_matrix), then
+    S_j = P^eta_j S0 - sum_i L^eta_ji theta_i u_i and M_j = P^beta_j M0 + sum_l L^beta_jl S_l as one [b, b]
+    matmul. No loop and no scan: a few dozen batched matmuls, for accelerators where every small kernel costs a
+    launch (to be measured there: scripts/gpu_check.py --only coefficients_time)."""
+    nc, b = th.shape
+    hi = jax.lax.Precision.HIGHEST
+    L_eta, L_beta = _decay_matrix(et), _decay_matrix(be)           # [nc, b, b]
+    P_eta, P_beta = et[:, :1] * L_eta[:, :, 0], be[:, :1] * L_beta[:, :, 0]   # [nc, b]: a_1 ... a_j
+    S_u = L_eta * (-th)[:, None, :]                                # coefficient of u_i in S_j
+    M_u = jnp.matmul(L_beta, S_u, precision=hi)                    # coefficient of u_i in M_j
+    M_s0 = jnp.einsum("cji,ci->cj", L_beta, P_eta, precision=hi)   # coefficient of S0 in M_j
+    zeros = jnp.zeros_like(P_eta)[..., None]
+    S = jnp.concatenate([zeros, P_eta[..., None], S_u], axis=-1)
+    M = jnp.concatenate([P_beta[..., None], M_s0[..., None], M_u], axis=-1)
+    return S, M
+
+
+COEFFICIENT_SCANS = {"associative": _basis_rows_associative, "sequential": _basis_rows_sequential,
+                     "doubling": _basis_rows_doubling}
 
 
 def default_coefficient_scan() -> str:
@@ -130,7 +169,7 @@ def chunk_coefficients(theta: jax.Array, eta: jax.Array, alpha: jax.Array, chunk
     k_i^T e_i in the weights that y_t reads, zero for i later than that); g, h, e [T/b, 1, 1].
     The recurrences S_j = eta_j S_{j-1} - theta_j u_j, M_j = (1 - alpha_j) M_{j-1} + S_j run on basis
     vectors [W0, S0, u_1 .. u_b], so they are exact (no divisions by cumulative products, which underflow
-    when a gate is 0). scan: 'associative' | 'sequential' | None (default_coefficient_scan()); the two
+    when a gate is 0). scan: 'associative' | 'sequential' | 'doubling' | None (default_coefficient_scan()); all
     give the same rows (tested), they differ in speed only.
     """
     b = chunk_size
@@ -363,7 +402,7 @@ def chunked_memory_xla(
     path: 'auto' ('linear' for depth 1, else 'factored'); 'linear' (depth 1: the kernels' matmul form);
     'factored' (any depth, outer-product gradients, no per-token weights); 'per_token' (any depth,
     vmap(grad) + scans on per-token weight copies). All compute the same function.
-    coefficient_scan: chunk_coefficients' scan ('associative' | 'sequential' | None = by backend).
+    coefficient_scan: chunk_coefficients' scan ('associative' | 'sequential' | 'doubling' | None = by backend).
     """
     dt = jnp.promote_types(q.dtype, jnp.float32)
     cast = lambda x: x.astype(dt)

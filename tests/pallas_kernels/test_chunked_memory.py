@@ -157,25 +157,43 @@ def test_outer_gradients_match_reference(depth, b, after):
         assert float(jnp.max(jnp.abs(g))) > 1e-3
 
 
-@pytest.mark.parametrize("after", [False, True])
-def test_coefficient_scans_agree(after):
-    """Both ways of computing the chunk coefficients (CPU: 'sequential', GPU/TPU: 'associative') give the
-    same values and gradients, with gates at exactly 0 and 1; the tests above run the CPU default."""
-    _, _, _, theta, eta, alpha, _, _ = make(edge_gates=True)
-    coeffs = {scan: jax.jit(lambda *g, scan=scan: xla.coefficients_batched(*g, 8, after, scan))
-              for scan in ("associative", "sequential")}
-    got, want = coeffs["associative"](theta, eta, alpha), coeffs["sequential"](theta, eta, alpha)
-    assert sorted(got) == sorted(want)
-    assert_close([got[n] for n in sorted(got)], [want[n] for n in sorted(want)], what="coefficients")
+@pytest.mark.parametrize("after,b", [(False, 8), (True, 8), (False, 5)])
+def test_coefficient_scans_agree(after, b):
+    """All ways of computing the chunk coefficients (CPU default 'sequential'; 'associative', the GPU/TPU
+    default; 'doubling') give the same values and gradients, with gates of exactly 0 and 1, also for a chunk
+    size that is not a power of 2; the tests above run the CPU default."""
+    _, _, _, theta, eta, alpha, _, _ = make(T=40, edge_gates=True)
+    scans = ("sequential", "associative", "doubling")
+    coeffs = {scan: jax.jit(lambda *g, scan=scan: xla.coefficients_batched(*g, b, after, scan)) for scan in scans}
+    want = coeffs["sequential"](theta, eta, alpha)
     assert xla.default_coefficient_scan() == "sequential"  # what the other tests on this CPU exercise
-
     r = np.random.default_rng(3)
     weights = {n: jnp.asarray(r.normal(size=x.shape), x.dtype) for n, x in want.items()}
     grads = {scan: jax.jit(jax.grad(lambda *g, f=f: sum(jnp.sum(f(*g)[n] * weights[n]) for n in weights),
                                     (0, 1, 2)))(theta, eta, alpha)
              for scan, f in coeffs.items()}
-    assert_close(grads["associative"], grads["sequential"], what="coefficient gradients")
     assert min(float(jnp.max(jnp.abs(g))) for g in grads["sequential"]) > 1e-3
+    for scan in scans[1:]:
+        got = coeffs[scan](theta, eta, alpha)
+        assert sorted(got) == sorted(want)
+        assert_close([got[n] for n in sorted(got)], [want[n] for n in sorted(want)], what=f"{scan} coefficients")
+        assert_close(grads[scan], grads["sequential"], what=f"{scan} coefficient gradients")
+
+
+def test_decay_matrix_is_the_product_of_gates():
+    """_decay_matrix (doubling) against the definition L_ji = a_{i+1} ... a_j, in float64, b = 1..9."""
+    with jax.enable_x64(True):
+        r = np.random.default_rng(0)
+        for b in range(1, 10):
+            a = r.uniform(size=(2, b))
+            a[0, b // 2] = 0.0
+            want = np.zeros((2, b, b))
+            for n in range(2):
+                for j in range(b):
+                    for i in range(j + 1):
+                        want[n, j, i] = np.prod(a[n, i + 1:j + 1])
+            got = np.asarray(xla._decay_matrix(jnp.asarray(a)))
+            np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15, err_msg=f"b={b}")
 
 
 @pytest.mark.parametrize("depth,after", [(1, False), (1, True), (2, False)])
