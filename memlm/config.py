@@ -125,7 +125,8 @@ class TitansConfig(_Strict):
         "deep memory's weights and curvature, which keeps the inner gradient steps stable")
     memory_layers: list[int] | None = Field(None, description="layers with memory (None = all)")
     implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
-        "auto", description="chunked-memory kernel (auto: Pallas on GPU/TPU where supported, else XLA; "
+        "auto", description="chunked-memory kernel (auto: Pallas on GPU/TPU where supported, else XLA; deep "
+        "memory on GPU stays on XLA under auto until its Triton kernel is measured, 'triton' selects it; "
         "reference: the token loop, for tests)"
     )
 

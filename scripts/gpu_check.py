@@ -121,6 +121,66 @@ def section_chunked_correct() -> dict:
     return out
 
 
+def section_chunked_deep() -> dict:
+    """The deep-memory Triton kernel (triton_deep.py, depth 2, written without a GPU) against the token loop
+    (float64 relative error of y, final state and input gradients), then timed against the XLA factored path
+    it would replace, forward and forward + backward. Each shape is separate: a kernel that does not compile at
+    one size (register or shared-memory limits) is recorded as an error there and the next shape runs."""
+    from pallas_kernels.chunked_memory.bench import make_inputs
+    from pallas_kernels.chunked_memory.reference import chunked_memory_reference
+    from pallas_kernels.chunked_memory.triton_deep import chunked_memory_triton_deep
+    from pallas_kernels.chunked_memory.xla import chunked_memory_xla
+
+    out = {}
+    correct = [(2, 64, 16, 32, 16, True)] if SMOKE else [(4, 256, 64, 128, 16, False), (4, 256, 64, 128, 64, True)]
+    timed = [(2, 64, 16, 32, 16)] if SMOKE else [(128, 512, 64, 128, 16), (128, 512, 64, 128, 64),
+                                                  (64, 512, 128, 256, 16)]
+    triton_fn = functools.partial(chunked_memory_triton_deep, interpret=INTERPRET)
+    for seed, (B, T, d, hid, b, after) in enumerate(correct):
+        key = f"correct_B{B}_T{T}_d{d}_h{hid}_chunk{b}_after{int(after)}"
+        try:
+            args = make_inputs(T, d, B, depth=2, hidden=hid, seed=seed)
+            kw = dict(chunk_size=b, retrieve_after_update=after)
+            cot = jnp.asarray(np.random.default_rng(200 + seed).normal(size=(B, T, d)), jnp.float32)
+            argnums = (0, 1, 2, 3, 4, 5, 6)
+            with jax.default_matmul_precision(HIGHEST):
+                f_ref = functools.partial(chunked_memory_reference, **kw)
+                y_ref, g_ref = value_and_grads(f_ref, args, argnums, cot)
+                st_ref = jax.jit(f_ref)(*args)
+            res = {}
+            for name, f in (("triton", triton_fn), ("xla", chunked_memory_xla)):
+                f = functools.partial(f, **kw)
+                y, g = value_and_grads(f, args, argnums, cot)
+                st = jax.jit(f)(*args)
+                res[name] = dict(y=rel(y, y_ref), state=max(rel(a, r) for a, r in zip(jax.tree.leaves(st[1:]),
+                                                                                     jax.tree.leaves(st_ref[1:]))),
+                                 grads=max(rel(a, r) for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref))),
+                                 finite=all_finite((y, g, st)))
+            out[key] = res
+        except Exception as err:  # noqa: BLE001 - recorded, the next shape runs
+            out[key] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+    for B, T, d, hid, b in timed:
+        key = f"time_B{B}_T{T}_d{d}_h{hid}_chunk{b}"
+        row = {}
+        try:
+            args = make_inputs(T, d, B, depth=2, hidden=hid, seed=0)
+            for name, f in (("xla", chunked_memory_xla), ("triton", triton_fn)):
+                fwd = jax.jit(lambda *a, f=f, b=b: f(*a, chunk_size=b)[0])
+
+                def fb(*a, f=f, b=b):
+                    return jax.grad(lambda q, k, v, p: jnp.sum(f(q, k, v, *a[3:6], p, a[7], chunk_size=b)[0]),
+                                    (0, 1, 2, 3))(*a[:3], a[6])
+
+                row[f"{name}_fwd_ms"] = median_ms(fwd, args, 10)
+                row[f"{name}_fwd_bwd_ms"] = median_ms(jax.jit(fb), args, 10)
+            row["xla_over_triton_fwd"] = row["xla_fwd_ms"] / row["triton_fwd_ms"]
+            row["xla_over_triton_fwd_bwd"] = row["xla_fwd_bwd_ms"] / row["triton_fwd_bwd_ms"]
+        except Exception as err:  # noqa: BLE001
+            row["error"] = f"{type(err).__name__}: {err}"[:2000]
+        out[key] = row
+    return out
+
+
 def section_landmark_correct() -> dict:
     from pallas_kernels.landmark_attention.reference import landmark_attention_reference
     from pallas_kernels.landmark_attention.triton import landmark_attention_triton
@@ -334,12 +394,15 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  ("titans_mag_c64", TINY + "titans_mag.yaml", "model.titans.chunk_size=64"),
                  ("titans_mag_linear_c64", TINY + "titans_mag.yaml",
                   "model.titans.memory_depth=1;model.titans.chunk_size=64"),
+                 ("titans_mag_triton", TINY + "titans_mag.yaml", "model.titans.implementation=triton"),
                  ("baseline_full_attention", TINY + "baseline.yaml", "")]
     if width == "gpt2s":  # MAG with configs/paper/titans_170m.yaml's memory settings at the width of that model
         paper_mag = (f"model.titans.memory_heads={4 if SMOKE else 12};model.titans.chunk_size=64;"
                      "model.titans.window=512;model.titans.num_persistent=16;model.titans.max_lr=0.01")
         rows += [("titans_mag_paper", TINY + "titans_mag.yaml", paper_mag),
                  ("titans_mag_paper_linear", TINY + "titans_mag.yaml", paper_mag + ";model.titans.memory_depth=1"),
+                 ("titans_mag_paper_triton", TINY + "titans_mag.yaml",
+                  paper_mag + ";model.titans.implementation=triton"),
                  ("baseline_full_attention", TINY + "baseline.yaml", "")]
     # with the per-layer remat of the paper configs, with and without the per-segment checkpoint
     # (model.segment_remat=false: one forward fewer per step); ratios against the baseline with the same remat
@@ -519,6 +582,7 @@ SECTIONS = {
     "landmark_correct": section_landmark_correct,
     "pkm_correct": section_pkm_correct,
     "chunked_time": section_chunked_time,
+    "chunked_deep": section_chunked_deep,
     "coefficients_time": section_coefficients_time,
     "landmark_time": section_landmark_time,
     "pkm_time": section_pkm_time,

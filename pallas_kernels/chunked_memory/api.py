@@ -9,8 +9,10 @@ with gradients inside a chunk of `chunk_size` tokens taken at the chunk-start we
 M is a bias-free MLP (depth 1: M(x) = x W; deeper: SiLU or GELU between layers), one per sequence.
 
 Dispatch: implementation=None picks the Pallas kernel of `jax.default_backend()` (gpu -> 'triton',
-tpu -> 'mosaic'), otherwise 'xla'. A Pallas path that cannot run (CPU without interpret, deep memory,
-unsupported shapes) falls back to 'xla' with one log line. 'reference' is the token loop (tests only).
+tpu -> 'mosaic'), otherwise 'xla'. A Pallas path that cannot run (CPU without interpret, deep memory on TPU,
+unsupported shapes) falls back to 'xla' with one log line. Deep memory (depth >= 2) on GPU: the Triton kernel
+of triton_deep.py runs only when asked for (implementation='triton'); the automatic choice stays 'xla' until
+that kernel is measured on a GPU. 'reference' is the token loop (tests only).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from memlm.errors import UserError
-from pallas_kernels.chunked_memory import reference, tpu, triton, xla
+from pallas_kernels.chunked_memory import reference, tpu, triton, triton_deep, xla
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +112,25 @@ def chunked_memory(
         return reference.chunked_memory_reference(q, k, v, theta, eta, alpha, params, momentum, **kw)
     impl = implementation or _pallas_for_backend(jax.default_backend()) or "xla"
     if impl in ("triton", "mosaic"):
-        module = triton if impl == "triton" else tpu
-        fn = triton.chunked_memory_triton if impl == "triton" else tpu.chunked_memory_mosaic
+        deep_triton = impl == "triton" and len(params) > 1
+        if deep_triton:
+            fn = triton_deep.chunked_memory_triton_deep
+        else:
+            fn = triton.chunked_memory_triton if impl == "triton" else tpu.chunked_memory_mosaic
         try:
             if not interpret and _pallas_for_backend(jax.default_backend()) != impl:
                 raise NotImplementedError(f"{impl} needs backend "
                                           f"{'gpu' if impl == 'triton' else 'tpu'} or interpret=True, "
                                           f"running on {jax.default_backend()}")
-            module.check_supported(q.shape, v.shape, len(params), chunk_size, interpret)
+            if deep_triton:
+                if implementation is None:
+                    raise NotImplementedError(f"depth {len(params)}: the deep-memory Triton kernel is not "
+                                              "measured on a GPU yet, implementation='triton' selects it")
+                dims = [params[0].shape[1]] + [w.shape[2] for w in params]
+                triton_deep.check_supported(q.shape, v.shape, dims, chunk_size, interpret)
+            else:
+                (triton if impl == "triton" else tpu).check_supported(q.shape, v.shape, len(params), chunk_size,
+                                                                      interpret)
         except NotImplementedError as err:
             logger.info("chunked_memory: %s kernel unavailable (%s); falling back to xla", impl, err)
         else:

@@ -48,7 +48,8 @@ def _pow2(n: int) -> bool:
 def check_supported(q_shape, v_shape, depth: int, chunk_size: int, interpret: bool) -> None:
     """Raise NotImplementedError for what the Triton kernel does not cover."""
     if depth != 1:
-        raise NotImplementedError(f"triton chunked_memory: only linear memory (depth 1), got depth {depth}")
+        raise NotImplementedError(f"triton chunked_memory: only linear memory (depth 1), got depth {depth} "
+                                  "(deep memory: triton_deep.py)")
     if interpret:
         return
     B, T, d = q_shape

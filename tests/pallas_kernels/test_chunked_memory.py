@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from memlm.errors import UserError
-from pallas_kernels.chunked_memory import api, bench, reference, tpu, triton, xla
+from pallas_kernels.chunked_memory import api, bench, reference, tpu, triton, triton_deep, xla
 
 pytestmark = pytest.mark.kernels
 
@@ -214,7 +214,7 @@ def test_causality(depth, after):
         np.testing.assert_array_equal(np.asarray(y3[:, :t + 1]), np.asarray(y[:, :t + 1]))
 
 
-@pytest.mark.parametrize("depth,impl", [(2, "xla"), (1, "triton")])
+@pytest.mark.parametrize("depth,impl", [(2, "xla"), (1, "triton"), (2, "triton")])
 def test_streaming_two_halves_equal_one_pass(depth, impl):
     args = make(depth)
     f = _jitted(api.chunked_memory, chunk_size=8, retrieve_after_update=True, implementation=impl,
@@ -232,18 +232,37 @@ def test_streaming_two_halves_equal_one_pass(depth, impl):
 KERNELS = {
     "triton": lambda *a, **kw: triton.chunked_memory_triton(*a, interpret=True, **kw),
     "mosaic": lambda *a, **kw: tpu.chunked_memory_mosaic(*a, interpret=True, **kw),
+    "triton_deep": lambda *a, **kw: triton_deep.chunked_memory_triton_deep(*a, interpret=True, **kw),
 }
 
 
-@pytest.mark.parametrize("impl,after", [("triton", False), ("mosaic", True)])
-def test_pallas_interpret_forward_and_backward(impl, after):
-    args = make(1, T=16, edge_gates=True)
+@pytest.mark.parametrize("impl,depth,after", [("triton", 1, False), ("mosaic", 1, True), ("triton_deep", 2, False),
+                                              ("triton_deep", 2, True)])
+def test_pallas_interpret_forward_and_backward(impl, depth, after):
+    args = make(depth, T=16, edge_gates=True)
     kw = dict(chunk_size=8, retrieve_after_update=after)
     fn = lambda *a: KERNELS[impl](*a, **kw)
     assert_close(jax.jit(fn)(*args), ref(args, 8, after), what=f"{impl} forward")
     g_ref = ref_grad(8, after)(*args)
     g_ker = jax.jit(jax.grad(outer_loss(fn), ALL_ARGS))(*args)
     assert_close(g_ker, g_ref, what=f"{impl} backward")
+
+
+def test_deep_triton_interpret_three_layers_gelu_uneven_widths():
+    """Depth 3, GELU, hidden width != d (weights [d, 2d], [2d, 2d], [2d, d]): the kernel's per-layer residual
+    slicing, forward and backward, against the token loop."""
+    r = np.random.default_rng(4)
+    q, k, v, th, et, al, _, _ = make(1, T=16, edge_gates=True)
+    dims = [D, 2 * D, 2 * D, D]
+    params = tuple(jnp.asarray(r.normal(size=(B, a, c)) / np.sqrt(a), jnp.float32) for a, c in zip(dims, dims[1:]))
+    mom = tuple(0.1 * jnp.asarray(r.normal(size=p.shape), jnp.float32) for p in params)
+    args = (q, k, v, th, et, al, params, mom)
+    kw = dict(chunk_size=4, retrieve_after_update=True, activation="gelu")
+    fn = lambda *a: KERNELS["triton_deep"](*a, **kw)
+    want_fn = lambda *a: reference.chunked_memory_reference(*a, **kw)
+    assert_close(jax.jit(fn)(*args), jax.jit(want_fn)(*args), what="deep forward")
+    g_ref = jax.jit(jax.grad(outer_loss(want_fn), ALL_ARGS))(*args)
+    assert_close(jax.jit(jax.grad(outer_loss(fn), ALL_ARGS))(*args), g_ref, what="deep backward")
 
 
 def test_mosaic_tpu_simulator_forward():
@@ -254,13 +273,15 @@ def test_mosaic_tpu_simulator_forward():
 
 
 @pytest.mark.parametrize("impl,platform,call", [("triton", "cuda", "__gpu$xla.gpu.triton"),
-                                                ("mosaic", "tpu", "tpu_custom_call")])
+                                                ("mosaic", "tpu", "tpu_custom_call"),
+                                                ("triton_deep", "cuda", "__gpu$xla.gpu.triton")])
 def test_kernels_lower_for_accelerators(impl, platform, call):
     sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     Bl, Tl, d = 2, 64, 16
-    args = (sd(Bl, Tl, d), sd(Bl, Tl, d), sd(Bl, Tl, d), sd(Bl, Tl), sd(Bl, Tl), sd(Bl, Tl),
-            (sd(Bl, d, d),), (sd(Bl, d, d),))
-    fn = triton.chunked_memory_triton if impl == "triton" else tpu.chunked_memory_mosaic
+    params = (sd(Bl, d, 2 * d), sd(Bl, 2 * d, d)) if impl == "triton_deep" else (sd(Bl, d, d),)
+    args = (sd(Bl, Tl, d), sd(Bl, Tl, d), sd(Bl, Tl, d), sd(Bl, Tl), sd(Bl, Tl), sd(Bl, Tl), params, params)
+    fn = {"triton": triton.chunked_memory_triton, "mosaic": tpu.chunked_memory_mosaic,
+          "triton_deep": triton_deep.chunked_memory_triton_deep}[impl]
     f = lambda *a: fn(*a, chunk_size=16)
     fwd = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert fwd.count(call) == 1
@@ -275,10 +296,15 @@ def test_api_dispatch_and_fallback(caplog):
     want = ref(args, 8, False)
     assert_close(_jitted(api.chunked_memory, chunk_size=8)(*args), want, what="api default")  # cpu: xla
     with caplog.at_level(logging.INFO, logger=api.__name__):
-        got = _jitted(api.chunked_memory, chunk_size=8, implementation="triton", interpret=True)(*args)
+        got = _jitted(api.chunked_memory, chunk_size=8, implementation="mosaic", interpret=True)(*args)
     assert_close(got, want, what="fallback")
     lines = [r for r in caplog.records if "falling back to xla" in r.getMessage()]
     assert len(lines) == 1 and "depth 2" in lines[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=api.__name__):  # asked for: the deep Triton kernel runs
+        got = _jitted(api.chunked_memory, chunk_size=8, implementation="triton", interpret=True)(*args)
+    assert_close(got, want, what="deep triton")
+    assert not [r for r in caplog.records if "falling back" in r.getMessage()]
     caplog.clear()
     lin = make(1)
     with caplog.at_level(logging.INFO, logger=api.__name__):

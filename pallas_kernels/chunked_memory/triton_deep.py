@@ -1,0 +1,227 @@
+"""GPU Pallas (Triton) kernels for DEEP Titans memory (depth L >= 2, bias-free MLP), inside jax.custom_vjp.
+
+Titans (arXiv 2501.00663) §3.2 with the paper's default L_M >= 2 memory. The chunk algebra is
+`xla._factored_chunk`: inside a chunk every token's gradient is taken at the chunk-start weights, and each
+layer's per-token gradient is an outer product a_i^T delta_i, so the weights token j reads,
+    M_j = G_j M0 + H_j S0 + sum_i C_ji a_i^T delta_i        (every layer),
+are never materialised: the retrieval is z = G (x W0) + H (x S0) + (C o x A^T) Delta, layer by layer.
+
+Layout as in triton.py: grid (batch,), one program per sequence holds the L weight matrices and L momenta
+and loops over the chunks (fori_loop), so a whole sequence is one kernel launch instead of one XLA while-loop
+iteration (tens of small kernels) per chunk.
+- Forward kernel: per chunk, `xla._factored_chunk` (keys through the MLP at the chunk-start weights, their
+  deltas, the retrieval, the chunk-end state). When differentiated it also writes every chunk-start state as
+  residuals ([T/b * d_in, d_out] per layer).
+- Backward kernel: the chunks in reverse; per chunk, `jax.vjp` of the same function, traced inside the kernel,
+  so the second-order terms (how the deltas move with the weights) come from JAX's own rules rather than a
+  hand derivation; the state cotangents are carried backwards.
+
+Scalar chunk coefficients (G, H, C, CW, CS, g, h, e) come from `xla.coefficients_batched`, outside the kernels,
+and get their gradients from XLA autodiff, as for the linear kernel.
+Real GPUs need every dimension a power of 2 and >= 16 (tl.dot). NOT YET MEASURED ON A GPU (no GPU was lent
+when it was written): api.py's automatic choice keeps XLA for deep memory, `implementation='triton'` (config
+`model.titans.implementation: triton`) selects this kernel, and `scripts/gpu_check.py` checks and times both.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.chunked_memory import xla
+from pallas_kernels.chunked_memory.triton import _params, _pow2, _spec
+
+Params = tuple[jax.Array, ...]
+F32 = jnp.float32
+N_COEF = 11  # q, k, v, G, H, C, CW, CS, g, h, e
+
+
+def check_supported(q_shape, v_shape, dims: Sequence[int], chunk_size: int, interpret: bool) -> None:
+    """Raise NotImplementedError for what the deep Triton kernel does not cover. dims: [d_k, hidden.., d_v]."""
+    if len(dims) < 3:
+        raise NotImplementedError(f"triton deep chunked_memory: needs depth >= 2, got depth {len(dims) - 1}")
+    if interpret:
+        return
+    T = q_shape[1]
+    if not all(_pow2(n) for n in (T, chunk_size, *dims)):
+        raise NotImplementedError(f"triton deep chunked_memory: T, chunk_size and the memory widths must be "
+                                  f"powers of 2, got T={T}, chunk_size={chunk_size}, widths={list(dims)}")
+    if min(chunk_size, *dims) < 16:
+        raise NotImplementedError("triton deep chunked_memory: chunk_size and memory widths must be >= 16 (tl.dot)")
+
+
+def _chunk_fn(activation):
+    def f(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e):
+        return xla._factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation)
+    return f
+
+
+def _load(refs, c, b):
+    """This chunk's blocks of q, k, v, G, H, C, CW, CS ([b, .]) and g, h, e ([1, 1]), as float32."""
+    tok, one = pl.ds(c * b, b), pl.ds(c, 1)
+    per_token = tuple(r[tok, :].astype(F32) for r in refs[:8])
+    return per_token + tuple(r[one, :] for r in refs[8:11])
+
+
+# ------------------------------------------------------------------------------------------- kernels
+def _fwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activation: str, save: bool):
+    """Refs: 11 per-sequence inputs, M0 x L, S0 x L | y, Mf x L, Sf x L[, M residuals x L, S residuals x L]."""
+    ins, outs = refs[:N_COEF + 2 * L], refs[N_COEF + 2 * L:]
+    M0_refs, S0_refs = ins[N_COEF:N_COEF + L], ins[N_COEF + L:]
+    y_ref, Mf_refs, Sf_refs = outs[0], outs[1:1 + L], outs[1 + L:1 + 2 * L]
+    Ms_res, Ss_res = (outs[1 + 2 * L:1 + 3 * L], outs[1 + 3 * L:]) if save else ((), ())
+    chunk = _chunk_fn(activation)
+
+    def body(c, carry):
+        Ms, Ss = carry
+        for l in range(L):
+            if save:
+                Ms_res[l][pl.ds(c * dims[l], dims[l]), :] = Ms[l]
+                Ss_res[l][pl.ds(c * dims[l], dims[l]), :] = Ss[l]
+        y, Ms, Ss = chunk(Ms, Ss, *_load(ins, c, b))
+        y_ref[pl.ds(c * b, b), :] = y.astype(y_ref.dtype)
+        return tuple(Ms), tuple(Ss)
+
+    init = (tuple(r[...].astype(F32) for r in M0_refs), tuple(r[...].astype(F32) for r in S0_refs))
+    Ms, Ss = lax.fori_loop(0, nc, body, init)
+    for l in range(L):
+        Mf_refs[l][...] = Ms[l]
+        Sf_refs[l][...] = Ss[l]
+
+
+def _bwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activation: str):
+    """Refs: 11 inputs, M residuals x L, S residuals x L, dy, dMf x L, dSf x L | d of the 11 inputs,
+    dM0 x L, dS0 x L. Reverse loop over chunks carrying the cotangents of the chunk-end state."""
+    n_in = N_COEF + 2 * L + 1 + 2 * L
+    ins, outs = refs[:n_in], refs[n_in:]
+    Ms_res, Ss_res = ins[N_COEF:N_COEF + L], ins[N_COEF + L:N_COEF + 2 * L]
+    dy_ref = ins[N_COEF + 2 * L]
+    dMf_refs, dSf_refs = ins[N_COEF + 2 * L + 1:N_COEF + 3 * L + 1], ins[N_COEF + 3 * L + 1:]
+    d_in_refs, dM0_refs, dS0_refs = outs[:N_COEF], outs[N_COEF:N_COEF + L], outs[N_COEF + L:]
+    chunk = _chunk_fn(activation)
+
+    def body(i, carry):
+        dM1, dS1 = carry
+        c = nc - 1 - i
+        Ms = tuple(Ms_res[l][pl.ds(c * dims[l], dims[l]), :] for l in range(L))
+        Ss = tuple(Ss_res[l][pl.ds(c * dims[l], dims[l]), :] for l in range(L))
+        _, vjp = jax.vjp(chunk, Ms, Ss, *_load(ins, c, b))
+        dMs, dSs, *d_in = vjp((dy_ref[pl.ds(c * b, b), :].astype(F32), dM1, dS1))
+        tok, one = pl.ds(c * b, b), pl.ds(c, 1)
+        for ref, val in zip(d_in_refs[:8], d_in[:8]):
+            ref[tok, :] = val.astype(ref.dtype)
+        for ref, val in zip(d_in_refs[8:], d_in[8:]):
+            ref[one, :] = val
+        return tuple(dMs), tuple(dSs)
+
+    init = (tuple(r[...].astype(F32) for r in dMf_refs), tuple(r[...].astype(F32) for r in dSf_refs))
+    dM, dS = lax.fori_loop(0, nc, body, init)
+    for l in range(L):
+        dM0_refs[l][...] = dM[l]
+        dS0_refs[l][...] = dS[l]
+
+
+# ------------------------------------------------------------------------------------------ wrappers
+def _inputs(coef_args, b):
+    """Per-token arrays as they are; g, h, e [B, nc, 1, 1] -> [B, nc, 1] (one row per chunk)."""
+    q, k, v, G, H, C, CW, CS, g, h, e = coef_args
+    B, nc = q.shape[0], q.shape[1] // b
+    return (q, k, v, G, H, C, CW, CS) + tuple(x.reshape(B, nc, 1) for x in (g, h, e))
+
+
+def _forward(coef_args, M0, S0, *, b, activation, interpret, num_warps, save):
+    q = coef_args[0]
+    B, T, _ = q.shape
+    nc, L = T // b, len(M0)
+    dims = tuple(w.shape[1] for w in M0) + (M0[-1].shape[2],)
+    ins = _inputs(coef_args, b) + tuple(M0) + tuple(S0)
+    states = [jax.ShapeDtypeStruct(w.shape, F32) for w in M0]
+    out_shape = [jax.ShapeDtypeStruct((B, T, dims[-1]), q.dtype)] + states + states
+    if save:
+        res = [jax.ShapeDtypeStruct((B, nc * w.shape[1], w.shape[2]), F32) for w in M0]
+        out_shape += res + res
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation, save=save),
+        out_shape=out_shape,
+        grid=(B,),
+        in_specs=[_spec(x.shape) for x in ins],
+        out_specs=[_spec(s.shape) for s in out_shape],
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="titans_deep_chunked_memory_fwd",
+    )(*ins)
+    y, Mf, Sf = outs[0], tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L])
+    if not save:
+        return y, Mf, Sf
+    return y, Mf, Sf, tuple(outs[1 + 2 * L:1 + 3 * L]), tuple(outs[1 + 3 * L:])
+
+
+def _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, *, b, activation, interpret, num_warps):
+    B, T, _ = coef_args[0].shape
+    nc, L = T // b, len(M0)
+    dims = tuple(w.shape[1] for w in M0) + (M0[-1].shape[2],)
+    ins = (_inputs(coef_args, b) + tuple(Ms) + tuple(Ss) + (dy,)
+           + tuple(x.astype(F32) for x in dMf) + tuple(x.astype(F32) for x in dSf))
+    per_input = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _inputs(coef_args, b)]
+    states = [jax.ShapeDtypeStruct(w.shape, F32) for w in M0]
+    out_shape = per_input + states + states
+    outs = pl.pallas_call(
+        functools.partial(_bwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation),
+        out_shape=out_shape,
+        grid=(B,),
+        in_specs=[_spec(x.shape) for x in ins],
+        out_specs=[_spec(s.shape) for s in out_shape],
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="titans_deep_chunked_memory_bwd",
+    )(*ins)
+    d_in = list(outs[:N_COEF])
+    d_in[8:11] = [x.reshape(B, nc, 1, 1) for x in d_in[8:11]]
+    dM0 = tuple(x.astype(w.dtype) for x, w in zip(outs[N_COEF:N_COEF + L], M0))
+    dS0 = tuple(x.astype(w.dtype) for x, w in zip(outs[N_COEF + L:], S0))
+    return tuple(d_in), dM0, dS0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def deep_core_triton(coef_args, M0, S0, b, activation, interpret, num_warps):
+    """coef_args = (q, k, v, G, H, C, CW, CS, g, h, e) as xla.linear_core takes them; M0, S0: tuples of
+    [B, d_in, d_out]. Returns y [B, T, d_v], final M, final S (tuples)."""
+    return _forward(coef_args, M0, S0, b=b, activation=activation, interpret=interpret, num_warps=num_warps,
+                    save=False)
+
+
+def _core_fwd(coef_args, M0, S0, b, activation, interpret, num_warps):
+    y, Mf, Sf, Ms, Ss = _forward(coef_args, M0, S0, b=b, activation=activation, interpret=interpret,
+                                 num_warps=num_warps, save=True)
+    return (y, Mf, Sf), (coef_args, M0, S0, Ms, Ss)
+
+
+def _core_bwd(b, activation, interpret, num_warps, res, cts):
+    coef_args, M0, S0, Ms, Ss = res
+    dy, dMf, dSf = cts
+    return _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, b=b, activation=activation,
+                     interpret=interpret, num_warps=num_warps)
+
+
+deep_core_triton.defvjp(_core_fwd, _core_bwd)
+
+
+def chunked_memory_triton_deep(
+    q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.Array, alpha: jax.Array,
+    init_params: Sequence[jax.Array], momentum0: Sequence[jax.Array], *, chunk_size: int,
+    retrieve_after_update: bool = False, activation: str = "silu", interpret: bool = False,
+    num_warps: int = 4,
+) -> tuple[jax.Array, Params, Params]:
+    """Deep Titans memory with the Triton kernels. Shapes as xla.chunked_memory_xla; depth must be >= 2."""
+    dims = [init_params[0].shape[1]] + [w.shape[2] for w in init_params]
+    check_supported(q.shape, v.shape, dims, chunk_size, interpret)
+    q, k, v, theta, eta, alpha = (x.astype(F32) for x in (q, k, v, theta, eta, alpha))
+    c = xla.coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
+    coef_args = (q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"])
+    M0 = tuple(w.astype(F32) for w in init_params)
+    S0 = tuple(s.astype(F32) for s in momentum0)
+    return deep_core_triton(coef_args, M0, S0, chunk_size, activation, interpret, num_warps)
