@@ -164,7 +164,9 @@ def section_chunked_deep() -> dict:
         row = {}
         try:
             args = make_inputs(T, d, B, depth=2, hidden=hid, seed=0)
-            for name, f in (("xla", chunked_memory_xla), ("triton", triton_fn)):
+            impls = (("xla", chunked_memory_xla), ("triton", triton_fn),
+                     ("triton_8warps", functools.partial(triton_fn, num_warps=8)))
+            for name, f in impls:
                 fwd = jax.jit(lambda *a, f=f, b=b: f(*a, chunk_size=b)[0])
 
                 def fb(*a, f=f, b=b):
@@ -173,8 +175,9 @@ def section_chunked_deep() -> dict:
 
                 row[f"{name}_fwd_ms"] = median_ms(fwd, args, 10)
                 row[f"{name}_fwd_bwd_ms"] = median_ms(jax.jit(fb), args, 10)
-            row["xla_over_triton_fwd"] = row["xla_fwd_ms"] / row["triton_fwd_ms"]
-            row["xla_over_triton_fwd_bwd"] = row["xla_fwd_bwd_ms"] / row["triton_fwd_bwd_ms"]
+            for tri in ("triton", "triton_8warps"):
+                for ph in ("fwd", "fwd_bwd"):
+                    row[f"xla_over_{tri}_{ph}"] = row[f"xla_{ph}_ms"] / row[f"{tri}_{ph}_ms"]
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {err}"[:2000]
         out[key] = row
