@@ -126,8 +126,8 @@ class TitansConfig(_Strict):
     memory_layers: list[int] | None = Field(None, description="layers with memory (None = all)")
     implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
         "auto", description="chunked-memory kernel (auto: Pallas on GPU/TPU where supported, else XLA; deep "
-        "memory on GPU stays on XLA under auto until its Triton kernel is measured, 'triton' selects it; "
-        "reference: the token loop, for tests)"
+        "memory stays on XLA under auto until its Triton / Mosaic kernels are measured on a GPU / TPU, 'triton' "
+        "or 'mosaic' selects them; reference: the token loop, for tests)"
     )
 
 

@@ -9,10 +9,10 @@ with gradients inside a chunk of `chunk_size` tokens taken at the chunk-start we
 M is a bias-free MLP (depth 1: M(x) = x W; deeper: SiLU or GELU between layers), one per sequence.
 
 Dispatch: implementation=None picks the Pallas kernel of `jax.default_backend()` (gpu -> 'triton',
-tpu -> 'mosaic'), otherwise 'xla'. A Pallas path that cannot run (CPU without interpret, deep memory on TPU,
-unsupported shapes) falls back to 'xla' with one log line. Deep memory (depth >= 2) on GPU: the Triton kernel
-of triton_deep.py runs only when asked for (implementation='triton'); the automatic choice stays 'xla' until
-that kernel is measured on a GPU. 'reference' is the token loop (tests only).
+tpu -> 'mosaic'), otherwise 'xla'. A Pallas path that cannot run (CPU without interpret, unsupported shapes)
+falls back to 'xla' with one log line. Deep memory (depth >= 2): the kernels of triton_deep.py / tpu_deep.py run
+only when asked for (implementation='triton' / 'mosaic'); the automatic choice stays 'xla' until they are
+measured on a GPU / TPU. 'reference' is the token loop (tests only).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from memlm.errors import UserError
-from pallas_kernels.chunked_memory import reference, tpu, triton, triton_deep, xla
+from pallas_kernels.chunked_memory import reference, tpu, tpu_deep, triton, triton_deep, xla
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,15 @@ def _validate(q, k, v, theta, eta, alpha, params, momentum, chunk_size, activati
         if len(momentum) != len(params) or any(m.shape != p.shape for m, p in zip(momentum, params)):
             raise UserError(f"{_WHERE}.momentum0: shapes {[m.shape for m in momentum]} do not match "
                             f"init_params {[p.shape for p in params]}")
+
+
+# (implementation, deep memory) -> (module with check_supported, entry point)
+_KERNELS = {
+    ("triton", False): (triton, triton.chunked_memory_triton),
+    ("mosaic", False): (tpu, tpu.chunked_memory_mosaic),
+    ("triton", True): (triton_deep, triton_deep.chunked_memory_triton_deep),
+    ("mosaic", True): (tpu_deep, tpu_deep.chunked_memory_mosaic_deep),
+}
 
 
 def _pallas_for_backend(backend: str) -> str | None:
@@ -112,25 +121,21 @@ def chunked_memory(
         return reference.chunked_memory_reference(q, k, v, theta, eta, alpha, params, momentum, **kw)
     impl = implementation or _pallas_for_backend(jax.default_backend()) or "xla"
     if impl in ("triton", "mosaic"):
-        deep_triton = impl == "triton" and len(params) > 1
-        if deep_triton:
-            fn = triton_deep.chunked_memory_triton_deep
-        else:
-            fn = triton.chunked_memory_triton if impl == "triton" else tpu.chunked_memory_mosaic
+        deep = len(params) > 1
+        module, fn = _KERNELS[impl, deep]
         try:
             if not interpret and _pallas_for_backend(jax.default_backend()) != impl:
                 raise NotImplementedError(f"{impl} needs backend "
                                           f"{'gpu' if impl == 'triton' else 'tpu'} or interpret=True, "
                                           f"running on {jax.default_backend()}")
-            if deep_triton:
+            if deep:
                 if implementation is None:
-                    raise NotImplementedError(f"depth {len(params)}: the deep-memory Triton kernel is not "
-                                              "measured on a GPU yet, implementation='triton' selects it")
+                    raise NotImplementedError(f"depth {len(params)}: the deep-memory {impl} kernel is not measured "
+                                              f"on an accelerator yet, implementation='{impl}' selects it")
                 dims = [params[0].shape[1]] + [w.shape[2] for w in params]
-                triton_deep.check_supported(q.shape, v.shape, dims, chunk_size, interpret)
+                module.check_supported(q.shape, v.shape, dims, chunk_size, interpret)
             else:
-                (triton if impl == "triton" else tpu).check_supported(q.shape, v.shape, len(params), chunk_size,
-                                                                      interpret)
+                module.check_supported(q.shape, v.shape, len(params), chunk_size, interpret)
         except NotImplementedError as err:
             logger.info("chunked_memory: %s kernel unavailable (%s); falling back to xla", impl, err)
         else:

@@ -33,7 +33,8 @@ F32 = jnp.float32
 def check_supported(q_shape, v_shape, depth: int, chunk_size: int, interpret) -> None:
     """Raise NotImplementedError for what the Mosaic kernel does not cover."""
     if depth != 1:
-        raise NotImplementedError(f"mosaic chunked_memory: only linear memory (depth 1), got depth {depth}")
+        raise NotImplementedError(f"mosaic chunked_memory: only linear memory (depth 1), got depth {depth} "
+                                  "(deep memory: tpu_deep.py)")
     if interpret:
         return
     d = q_shape[-1]
