@@ -197,9 +197,7 @@ def chunked_memory_mosaic(
     """
     del activation  # linear memory has no activation
     check_supported(q.shape, v.shape, len(init_params), chunk_size, interpret)
-    q, k, v, theta, eta, alpha = (x.astype(F32) for x in (q, k, v, theta, eta, alpha))
-    c = xla.coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
-    y, W, S = linear_core_mosaic(q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"],
-                                 init_params[0].astype(F32), momentum0[0].astype(F32), chunk_size,
-                                 interpret)
+    coef_args, (W0,), (S0,) = xla.kernel_inputs(q, k, v, theta, eta, alpha, init_params, momentum0, chunk_size,
+                                                retrieve_after_update)
+    y, W, S = linear_core_mosaic(*coef_args, W0, S0, chunk_size, interpret)
     return y, (W,), (S,)

@@ -58,6 +58,14 @@ def _coef_specs(tok, scal, d, dv, b):
 
 
 # ------------------------------------------------------------------------------------------- kernels
+def _init_scratch(scratch, sources):
+    """At the first grid step along the chunk axis, copy each source block into its scratch (float32)."""
+    @pl.when(pl.program_id(1) == 0)
+    def _init():
+        for dst, src in zip(scratch, sources, strict=True):
+            dst[...] = src[...].astype(F32)
+
+
 def _fwd_kernel(*refs, L: int, activation: str, save: bool):
     """Refs: 11 chunk inputs, M0 x L, S0 x L | y, Mf x L, Sf x L[, residuals 2L] | scratch M x L, S x L."""
     ins, rest = refs[:N_COEF + 2 * L], refs[N_COEF + 2 * L:]
@@ -66,11 +74,7 @@ def _fwd_kernel(*refs, L: int, activation: str, save: bool):
     outs, (M_scr, S_scr) = rest[:n_out], (rest[n_out:n_out + L], rest[n_out + L:])
     y_ref, Mf, Sf = outs[0], outs[1:1 + L], outs[1 + L:1 + 2 * L]
 
-    @pl.when(pl.program_id(1) == 0)
-    def _init():
-        for l in range(L):
-            M_scr[l][...] = M0[l][...].astype(F32)
-            S_scr[l][...] = S0[l][...].astype(F32)
+    _init_scratch(M_scr + S_scr, M0 + S0)
 
     Ms = tuple(r[...] for r in M_scr)
     Ss = tuple(r[...] for r in S_scr)
@@ -98,11 +102,7 @@ def _bwd_kernel(*refs, L: int, activation: str):
     dMf, dSf = ins[N_COEF + 2 * L + 1:N_COEF + 3 * L + 1], ins[N_COEF + 3 * L + 1:]
     dM_scr, dS_scr = scr[:L], scr[L:]
 
-    @pl.when(pl.program_id(1) == 0)
-    def _init():
-        for l in range(L):
-            dM_scr[l][...] = dMf[l][...].astype(F32)
-            dS_scr[l][...] = dSf[l][...].astype(F32)
+    _init_scratch(dM_scr + dS_scr, dMf + dSf)
 
     Ms = tuple(r[...] for r in Ms_res)
     Ss = tuple(r[...] for r in Ss_res)
@@ -118,6 +118,21 @@ def _bwd_kernel(*refs, L: int, activation: str):
 
 
 # ------------------------------------------------------------------------------------------ wrappers
+def _call(kernel, grid, M0, in_specs, out_shape, out_specs, which: str, interpret):
+    """pallas_call over grid (batch, chunk) with 2L float32 VMEM scratch matrices shaped like the memory."""
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=[pltpu.VMEM(w.shape[1:], F32) for w in M0] * 2,
+        compiler_params=_params(),
+        interpret=interpret,
+        name=f"titans_deep_chunked_memory_{which}",
+    )
+
+
 def _forward(coef_args, M0, S0, *, b, activation, interpret, save):
     q, v = coef_args[0], coef_args[2]
     B, T, d = q.shape
@@ -131,17 +146,8 @@ def _forward(coef_args, M0, S0, *, b, activation, interpret, save):
     if save:
         out_shape += [jax.ShapeDtypeStruct((B, nc * w.shape[1], w.shape[2]), F32) for w in M0] * 2
         out_specs += [res(w.shape[1], w.shape[2]) for w in M0] * 2
-    outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, L=L, activation=activation, save=save),
-        out_shape=out_shape,
-        grid=(B, nc),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM(w.shape[1:], F32) for w in M0] * 2,
-        compiler_params=_params(),
-        interpret=interpret,
-        name="titans_deep_chunked_memory_fwd",
-    )(*coef_args, *M0, *S0)
+    outs = _call(functools.partial(_fwd_kernel, L=L, activation=activation, save=save), (B, nc), M0,
+                 in_specs, out_shape, out_specs, "fwd", interpret)(*coef_args, *M0, *S0)
     y, Mf, Sf = outs[0], tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L])
     if not save:
         return y, Mf, Sf
@@ -159,17 +165,9 @@ def _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, *, b, activation, interpr
     out_specs = _coef_specs(tok, scal, d, dv, b) + st + st
     states = [jax.ShapeDtypeStruct(w.shape, F32) for w in M0]
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in coef_args] + states + states
-    outs = pl.pallas_call(
-        functools.partial(_bwd_kernel, L=L, activation=activation),
-        out_shape=out_shape,
-        grid=(B, nc),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM(w.shape[1:], F32) for w in M0] * 2,
-        compiler_params=_params(),
-        interpret=interpret,
-        name="titans_deep_chunked_memory_bwd",
-    )(*coef_args, *Ms, *Ss, dy, *(x.astype(F32) for x in dMf), *(x.astype(F32) for x in dSf))
+    outs = _call(functools.partial(_bwd_kernel, L=L, activation=activation), (B, nc), M0, in_specs, out_shape,
+                 out_specs, "bwd", interpret)(*coef_args, *Ms, *Ss, dy, *(x.astype(F32) for x in dMf),
+                                              *(x.astype(F32) for x in dSf))
     dM0 = tuple(x.astype(w.dtype) for x, w in zip(outs[N_COEF:N_COEF + L], M0))
     dS0 = tuple(x.astype(w.dtype) for x, w in zip(outs[N_COEF + L:], S0))
     return tuple(outs[:N_COEF]), dM0, dS0
@@ -205,9 +203,6 @@ def chunked_memory_mosaic_deep(
     interpret: False, True (HLO interpreter) or a pltpu.InterpretParams() (TPU simulator on CPU)."""
     dims = [init_params[0].shape[1]] + [w.shape[2] for w in init_params]
     check_supported(q.shape, v.shape, dims, chunk_size, interpret)
-    q, k, v, theta, eta, alpha = (x.astype(F32) for x in (q, k, v, theta, eta, alpha))
-    c = xla.coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
-    coef_args = (q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"])
-    M0 = tuple(w.astype(F32) for w in init_params)
-    S0 = tuple(s.astype(F32) for s in momentum0)
+    coef_args, M0, S0 = xla.kernel_inputs(q, k, v, theta, eta, alpha, init_params, momentum0, chunk_size,
+                                          retrieve_after_update)
     return deep_core_mosaic(coef_args, M0, S0, chunk_size, activation, interpret)

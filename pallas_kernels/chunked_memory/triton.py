@@ -204,9 +204,7 @@ def chunked_memory_triton(
     """Linear Titans memory with the Triton kernels. Shapes as xla.chunked_memory_xla; depth must be 1."""
     del activation  # linear memory has no activation
     check_supported(q.shape, v.shape, len(init_params), chunk_size, interpret)
-    q, k, v, theta, eta, alpha = (x.astype(F32) for x in (q, k, v, theta, eta, alpha))
-    c = xla.coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
-    y, W, S = linear_core_triton(q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"],
-                                 c["e"], init_params[0].astype(F32), momentum0[0].astype(F32),
-                                 chunk_size, interpret, num_warps)
+    coef_args, (W0,), (S0,) = xla.kernel_inputs(q, k, v, theta, eta, alpha, init_params, momentum0, chunk_size,
+                                                retrieve_after_update)
+    y, W, S = linear_core_triton(*coef_args, W0, S0, chunk_size, interpret, num_warps)
     return y, (W,), (S,)

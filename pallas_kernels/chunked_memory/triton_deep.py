@@ -133,27 +133,37 @@ def _inputs(coef_args, b):
     return (q, k, v, G, H, C, CW, CS) + tuple(x.reshape(B, nc, 1) for x in (g, h, e))
 
 
+def _geometry(coef_args, M0, b):
+    """(batch, T, chunks, depth, memory widths [d_k, hidden.., d_v])."""
+    B, T, _ = coef_args[0].shape
+    return B, T, T // b, len(M0), tuple(w.shape[1] for w in M0) + (M0[-1].shape[2],)
+
+
+def _call(kernel, ins, out_shape, which: str, interpret, num_warps):
+    """pallas_call over grid (batch,), whole-sequence blocks."""
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(ins[0].shape[0],),
+        in_specs=[_spec(x.shape) for x in ins],
+        out_specs=[_spec(s.shape) for s in out_shape],
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name=f"titans_deep_chunked_memory_{which}",
+    )(*ins)
+
+
 def _forward(coef_args, M0, S0, *, b, activation, interpret, num_warps, save):
     q = coef_args[0]
-    B, T, _ = q.shape
-    nc, L = T // b, len(M0)
-    dims = tuple(w.shape[1] for w in M0) + (M0[-1].shape[2],)
+    B, T, nc, L, dims = _geometry(coef_args, M0, b)
     ins = _inputs(coef_args, b) + tuple(M0) + tuple(S0)
     states = [jax.ShapeDtypeStruct(w.shape, F32) for w in M0]
     out_shape = [jax.ShapeDtypeStruct((B, T, dims[-1]), q.dtype)] + states + states
     if save:
         res = [jax.ShapeDtypeStruct((B, nc * w.shape[1], w.shape[2]), F32) for w in M0]
         out_shape += res + res
-    outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation, save=save),
-        out_shape=out_shape,
-        grid=(B,),
-        in_specs=[_spec(x.shape) for x in ins],
-        out_specs=[_spec(s.shape) for s in out_shape],
-        compiler_params=_params(num_warps),
-        interpret=interpret,
-        name="titans_deep_chunked_memory_fwd",
-    )(*ins)
+    kernel = functools.partial(_fwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation, save=save)
+    outs = _call(kernel, ins, out_shape, "fwd", interpret, num_warps)
     y, Mf, Sf = outs[0], tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L])
     if not save:
         return y, Mf, Sf
@@ -161,24 +171,14 @@ def _forward(coef_args, M0, S0, *, b, activation, interpret, num_warps, save):
 
 
 def _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, *, b, activation, interpret, num_warps):
-    B, T, _ = coef_args[0].shape
-    nc, L = T // b, len(M0)
-    dims = tuple(w.shape[1] for w in M0) + (M0[-1].shape[2],)
+    B, T, nc, L, dims = _geometry(coef_args, M0, b)
     ins = (_inputs(coef_args, b) + tuple(Ms) + tuple(Ss) + (dy,)
            + tuple(x.astype(F32) for x in dMf) + tuple(x.astype(F32) for x in dSf))
     per_input = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _inputs(coef_args, b)]
     states = [jax.ShapeDtypeStruct(w.shape, F32) for w in M0]
     out_shape = per_input + states + states
-    outs = pl.pallas_call(
-        functools.partial(_bwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation),
-        out_shape=out_shape,
-        grid=(B,),
-        in_specs=[_spec(x.shape) for x in ins],
-        out_specs=[_spec(s.shape) for s in out_shape],
-        compiler_params=_params(num_warps),
-        interpret=interpret,
-        name="titans_deep_chunked_memory_bwd",
-    )(*ins)
+    kernel = functools.partial(_bwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation)
+    outs = _call(kernel, ins, out_shape, "bwd", interpret, num_warps)
     d_in = list(outs[:N_COEF])
     d_in[8:11] = [x.reshape(B, nc, 1, 1) for x in d_in[8:11]]
     dM0 = tuple(x.astype(w.dtype) for x, w in zip(outs[N_COEF:N_COEF + L], M0))
@@ -219,9 +219,6 @@ def chunked_memory_triton_deep(
     """Deep Titans memory with the Triton kernels. Shapes as xla.chunked_memory_xla; depth must be >= 2."""
     dims = [init_params[0].shape[1]] + [w.shape[2] for w in init_params]
     check_supported(q.shape, v.shape, dims, chunk_size, interpret)
-    q, k, v, theta, eta, alpha = (x.astype(F32) for x in (q, k, v, theta, eta, alpha))
-    c = xla.coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
-    coef_args = (q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"])
-    M0 = tuple(w.astype(F32) for w in init_params)
-    S0 = tuple(s.astype(F32) for s in momentum0)
+    coef_args, M0, S0 = xla.kernel_inputs(q, k, v, theta, eta, alpha, init_params, momentum0, chunk_size,
+                                          retrieve_after_update)
     return deep_core_triton(coef_args, M0, S0, chunk_size, activation, interpret, num_warps)

@@ -195,6 +195,18 @@ def coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update,
     return jax.vmap(fn)(theta, eta, alpha)
 
 
+def kernel_inputs(q, k, v, theta, eta, alpha, init_params, momentum0, chunk_size: int,
+                  retrieve_after_update: bool):
+    """What the Pallas kernels take: (q, k, v, G, H, C, CW, CS, g, h, e) in float32, with the coefficients of
+    coefficients_batched (computed here, in XLA, so their gradients come from autodiff), and the float32
+    tuples M0, S0. Shapes as chunked_memory_xla / linear_core."""
+    f32 = lambda x: x.astype(jnp.float32)
+    q, k, v, theta, eta, alpha = map(f32, (q, k, v, theta, eta, alpha))
+    c = coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update)
+    coef_args = (q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"])
+    return coef_args, tuple(map(f32, init_params)), tuple(map(f32, momentum0))
+
+
 # ------------------------------------------------------------------------- linear chunk (shared math)
 def _dot(a, b, ta: bool = False, tb: bool = False):
     """a @ b with optional transposes expressed as contraction dims (lowers on Triton and Mosaic)."""
