@@ -68,6 +68,16 @@ def _load(refs, c, b):
 
 
 # ------------------------------------------------------------------------------------------- kernels
+def _loop_over_chunks(nc: int, body, init_refs, out_refs):
+    """fori_loop(0, nc, body) over a carry of two tuples (the L weights-like and the L momentum-like
+    matrices), started from init_refs (2L refs, read as float32) and written to out_refs (2L refs)."""
+    L = len(init_refs) // 2
+    init = tuple(r[...].astype(F32) for r in init_refs)
+    first, second = lax.fori_loop(0, nc, body, (init[:L], init[L:]))
+    for ref, val in zip(out_refs, first + second, strict=True):
+        ref[...] = val
+
+
 def _fwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activation: str, save: bool):
     """Refs: 11 per-sequence inputs, M0 x L, S0 x L | y, Mf x L, Sf x L[, M residuals x L, S residuals x L]."""
     ins, outs = refs[:N_COEF + 2 * L], refs[N_COEF + 2 * L:]
@@ -86,11 +96,7 @@ def _fwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activatio
         y_ref[pl.ds(c * b, b), :] = y.astype(y_ref.dtype)
         return tuple(Ms), tuple(Ss)
 
-    init = (tuple(r[...].astype(F32) for r in M0_refs), tuple(r[...].astype(F32) for r in S0_refs))
-    Ms, Ss = lax.fori_loop(0, nc, body, init)
-    for l in range(L):
-        Mf_refs[l][...] = Ms[l]
-        Sf_refs[l][...] = Ss[l]
+    _loop_over_chunks(nc, body, M0_refs + S0_refs, Mf_refs + Sf_refs)
 
 
 def _bwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activation: str):
@@ -118,11 +124,7 @@ def _bwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activatio
             ref[one, :] = val
         return tuple(dMs), tuple(dSs)
 
-    init = (tuple(r[...].astype(F32) for r in dMf_refs), tuple(r[...].astype(F32) for r in dSf_refs))
-    dM, dS = lax.fori_loop(0, nc, body, init)
-    for l in range(L):
-        dM0_refs[l][...] = dM[l]
-        dS0_refs[l][...] = dS[l]
+    _loop_over_chunks(nc, body, dMf_refs + dSf_refs, dM0_refs + dS0_refs)
 
 
 # ------------------------------------------------------------------------------------------ wrappers
