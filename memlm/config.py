@@ -123,6 +123,10 @@ class TitansConfig(_Strict):
     normalize_values: bool = Field(
         False, description="l2-normalise v like q and k (NOT in the paper): bounds the inner targets and so the "
         "deep memory's weights and curvature, which keeps the inner gradient steps stable")
+    inner_grad_clip: float = Field(
+        0.0, ge=0, description="if > 0, each token's inner gradient grad loss(M; x_t) (all memory layers together) "
+        "is rescaled to Frobenius norm <= this before the momentum update (NOT in the paper, which bounds only "
+        "theta; 0 = the paper's rule): keeps large inner steps and deep memories from diverging")
     memory_layers: list[int] | None = Field(None, description="layers with memory (None = all)")
     implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
         "auto", description="chunked-memory kernel (auto: Pallas on GPU/TPU where supported, else XLA; deep "

@@ -93,10 +93,13 @@ def section_chunked_correct() -> dict:
     from pallas_kernels.chunked_memory.xla import chunked_memory_xla
 
     out = {}
-    shapes = [(4, 256, 64, 16, False), (4, 512, 64, 64, True), (2, 256, 128, 32, False)]
-    for seed, (B, T, d, b, after) in enumerate([(2, 64, 16, 16, True)] if SMOKE else shapes):
+    # (B, T, d, chunk, retrieve_after_update, grad_clip): a clip near the median token-gradient norm of these
+    # inputs (~2 sqrt(d)) exercises both branches of the clipped hand-written backward
+    shapes = [(4, 256, 64, 16, False, 0.0), (4, 512, 64, 64, True, 0.0), (2, 256, 128, 32, False, 0.0),
+              (4, 256, 64, 16, False, 16.0)]
+    for seed, (B, T, d, b, after, clip) in enumerate([(2, 64, 16, 16, True, 8.0)] if SMOKE else shapes):
         q, k, v, th, eta, al, params, mom = _chunked_inputs(B, T, d, seed)
-        kw = dict(chunk_size=b, retrieve_after_update=after)
+        kw = dict(chunk_size=b, retrieve_after_update=after, grad_clip=clip)
         cot = jnp.asarray(np.random.default_rng(100 + seed).normal(size=(B, T, d)), jnp.float32)
         args = (q, k, v, th, eta, al, params[0], mom[0])
 
@@ -117,7 +120,7 @@ def section_chunked_correct() -> dict:
             res[name] = dict(
                 y=rel(y, y_ref), W_final=rel(fwd[1][0], fwd_ref[1][0]), S_final=rel(fwd[2][0], fwd_ref[2][0]),
                 grads=max(rel(a, r) for a, r in zip(g, g_ref)), finite=all_finite((y, g, fwd)))
-        out[f"B{B}_T{T}_d{d}_chunk{b}_after{int(after)}"] = res
+        out[f"B{B}_T{T}_d{d}_chunk{b}_after{int(after)}" + (f"_clip{clip:g}" if clip else "")] = res
     return out
 
 

@@ -10,6 +10,7 @@ NeuralMemory (§3.1, §4.4), per layer, H = titans.memory_heads heads of width d
 M is a bias-free MLP of titans.memory_depth layers (SiLU between layers, hidden = expansion * d_h). The
 update and retrieval run in pallas_kernels.chunked_memory (gradients inside a chunk of titans.chunk_size
 tokens at the chunk-start weights M_{t'}, §3.2); outer gradients flow through the inner updates.
+titans.inner_grad_clip > 0 (not in the paper; default 0) rescales each token's gradient to at most that norm.
 
 Gates: `per_token` (default) or `per_chunk`. A chunk-constant gate computed from a pool over the whole chunk
 would let token j's read depend on later tokens of its chunk (its read weights use the gates of the tokens
@@ -143,7 +144,8 @@ class NeuralMemory(nnx.Module):
         impl = self.cfg.titans.implementation
         y, w1, s1 = chunked_memory(seq(q), seq(k), seq(v), seq(theta), seq(eta), seq(alpha), par(weights),
                                    par(momentum), chunk_size=self.cfg.titans.chunk_size,
-                                   retrieve_after_update=after, implementation=None if impl == "auto" else impl)
+                                   retrieve_after_update=after, implementation=None if impl == "auto" else impl,
+                                   grad_clip=self.cfg.titans.inner_grad_clip)
         unpar = lambda ws: tuple(w.reshape((b, H) + w.shape[1:]).astype(jnp.float32) for w in ws)
         y = jnp.swapaxes(y.reshape(b, H, t, dh), 1, 2).astype(jnp.float32)
         return y, unpar(w1), unpar(s1)

@@ -32,8 +32,10 @@ IMPLEMENTATIONS = (None, "xla", "triton", "mosaic", "reference")
 _WHERE = "chunked_memory"
 
 
-def _validate(q, k, v, theta, eta, alpha, params, momentum, chunk_size, activation, implementation):
+def _validate(q, k, v, theta, eta, alpha, params, momentum, chunk_size, activation, implementation, grad_clip):
     """UserError (one line, naming the argument) for anything the implementations would mis-handle."""
+    if not isinstance(grad_clip, (int, float)) or not grad_clip >= 0:  # also rejects NaN
+        raise UserError(f"{_WHERE}.grad_clip: {grad_clip!r} must be a number >= 0 (0 = no clipping)")
     if implementation not in IMPLEMENTATIONS:
         raise UserError(f"{_WHERE}.implementation: {implementation!r} is not one of {IMPLEMENTATIONS}")
     if activation not in ("silu", "gelu"):
@@ -90,6 +92,7 @@ def chunked_memory(
     activation: str = "silu",
     implementation: str | None = None,
     interpret: bool = False,
+    grad_clip: float = 0.0,
 ) -> tuple[jax.Array, Params, Params]:
     """Titans memory update + retrieval over whole sequences.
 
@@ -104,6 +107,8 @@ def chunked_memory(
       activation: 'silu' or 'gelu' between layers of a deep memory.
       implementation: None (by backend), 'xla', 'triton', 'mosaic' or 'reference'.
       interpret: run the Pallas kernel in interpret mode (CPU tests).
+      grad_clip: if > 0, each token's inner gradient (all memory layers together) is rescaled to Frobenius
+        norm <= grad_clip before the momentum update (not in the paper: a stability option); 0 = none.
 
     Returns:
       y [batch, T, d_v]; final params and final momentum (tuples like init_params). Passing them as
@@ -112,10 +117,11 @@ def chunked_memory(
     """
     params = tuple(init_params)
     momentum = None if momentum0 is None else tuple(momentum0)
-    _validate(q, k, v, theta, eta, alpha, params, momentum, chunk_size, activation, implementation)
+    _validate(q, k, v, theta, eta, alpha, params, momentum, chunk_size, activation, implementation, grad_clip)
     if momentum is None:
         momentum = tuple(jnp.zeros_like(p) for p in params)
-    kw = dict(chunk_size=chunk_size, retrieve_after_update=retrieve_after_update, activation=activation)
+    kw = dict(chunk_size=chunk_size, retrieve_after_update=retrieve_after_update, activation=activation,
+              grad_clip=float(grad_clip))
 
     if implementation == "reference":
         return reference.chunked_memory_reference(q, k, v, theta, eta, alpha, params, momentum, **kw)

@@ -9,6 +9,10 @@ T tokens with keys k_t, values v_t, queries q_t and data-dependent gates theta_t
     y_t = M_t(q_t)      if retrieve_after_update            (eq. 15)
     y_t = M_{t-1}(q_t)  otherwise (the MAC order: read the memory before writing token t)
 
+Optional inner gradient clipping (not in the paper; models.md §2 pitfalls, "clamp gradient norms"): with
+grad_clip = c > 0 the gradient above is replaced by u_t min(1, c / ||u_t||), ||u_t|| the Frobenius norm over
+all memory layers together, before the momentum update.
+
 t' is the start of t's chunk: with chunk size b, t' = t - (t mod b) (0-indexed tokens), i.e. the gradient
 of every token of a chunk is taken at the weights M left by the previous chunk (paper §3.2). With b = 1
 that is M_{t-1}, the fully sequential rule. M_t itself is still updated after every token.
@@ -48,8 +52,16 @@ def _token_loss(params: Params, k: jax.Array, v: jax.Array, activation: str) -> 
     return jnp.sum((mlp(params, k, activation) - v) ** 2)
 
 
+def _clip(u: Params, c: float) -> Params:
+    """u * min(1, c / ||u||) with ||u|| the global norm of the pytree (c = 0: u unchanged)."""
+    if not c:
+        return u
+    norm = jnp.sqrt(sum(jnp.sum(g * g) for g in u))
+    return tuple(g * jnp.minimum(1.0, c / jnp.maximum(norm, 1e-30)) for g in u)
+
+
 def _one_sequence(q, k, v, theta, eta, alpha, params, momentum, chunk_size, retrieve_after_update,
-                  activation):
+                  activation, grad_clip=0.0):
     """q, k [T, d_k]; v [T, d_v]; theta/eta/alpha [T]; params, momentum: tuples of weights."""
     T = q.shape[0]
 
@@ -60,7 +72,7 @@ def _one_sequence(q, k, v, theta, eta, alpha, params, momentum, chunk_size, retr
         at_start = (t % chunk_size) == 0
         M_start = jax.tree.map(lambda m, ms: jnp.where(at_start, m, ms), M, M_start)
         # Per-token gradient with jax.grad; no stop_gradient: outer gradients flow through it.
-        u = jax.grad(_token_loss)(M_start, k_t, v_t, activation)
+        u = _clip(jax.grad(_token_loss)(M_start, k_t, v_t, activation), grad_clip)
         S = jax.tree.map(lambda s, g: et * s - th * g, S, u)
         M_new = jax.tree.map(lambda m, s: (1.0 - al) * m + s, M, S)
         y_t = mlp(M_new if retrieve_after_update else M, q_t, activation)
@@ -84,6 +96,7 @@ def chunked_memory_reference(
     chunk_size: int = 1,
     retrieve_after_update: bool = False,
     activation: str = "silu",
+    grad_clip: float = 0.0,
 ) -> tuple[jax.Array, Params, Params]:
     """Sequential loop over tokens (lax.scan), vmapped over the batch.
 
@@ -93,6 +106,6 @@ def chunked_memory_reference(
     """
     params = tuple(init_params)
     momentum = tuple(jnp.zeros_like(p) for p in params) if momentum0 is None else tuple(momentum0)
-    fn = lambda *a: _one_sequence(*a, chunk_size, retrieve_after_update, activation)
+    fn = lambda *a: _one_sequence(*a, chunk_size, retrieve_after_update, activation, grad_clip)
     y, M, S = jax.vmap(fn)(q, k, v, theta, eta, alpha, params, momentum)
     return y, tuple(M), tuple(S)

@@ -44,7 +44,7 @@ def check_supported(q_shape, v_shape, depth: int, chunk_size: int, interpret) ->
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref, h_ref, e_ref, W0_ref,
-                S0_ref, y_ref, Wf_ref, Sf_ref, *rest, save: bool):
+                S0_ref, y_ref, Wf_ref, Sf_ref, *rest, save: bool, clip: float):
     """One (sequence, chunk) step. Blocks: q [b, d_k], C [b, b], G [b, 1], g [1, 1], W0 [d_k, d_v]."""
     if save:
         Ws_ref, Ss_ref, W_scr, S_scr = rest
@@ -63,7 +63,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref,
     ld = lambda r: r[...].astype(F32)
     y, W, S = xla.linear_chunk_forward(
         W, S, ld(q_ref), ld(k_ref), ld(v_ref), ld(G_ref), ld(H_ref), ld(C_ref), ld(CW_ref), ld(CS_ref),
-        ld(g_ref), ld(h_ref), ld(e_ref))
+        ld(g_ref), ld(h_ref), ld(e_ref), clip=clip)
     y_ref[...] = y.astype(y_ref.dtype)
     W_scr[...] = W
     S_scr[...] = S
@@ -75,7 +75,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref,
 def _bwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref, h_ref, e_ref, Ws_ref,
                 Ss_ref, dy_ref, dWf_ref, dSf_ref,
                 dq_ref, dk_ref, dv_ref, dG_ref, dH_ref, dC_ref, dCW_ref, dCS_ref, dg_ref, dh_ref, de_ref,
-                dW0_ref, dS0_ref, dW_scr, dS_scr):
+                dW0_ref, dS0_ref, dW_scr, dS_scr, *, clip: float):
     """One (sequence, chunk) step of the reverse sweep; program_id(1) == 0 is the LAST chunk."""
 
     @pl.when(pl.program_id(1) == 0)
@@ -86,7 +86,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref,
     ld = lambda r: r[...].astype(F32)
     (dW, dS, dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de) = xla.linear_chunk_backward(
         ld(Ws_ref), ld(Ss_ref), ld(q_ref), ld(k_ref), ld(v_ref), ld(G_ref), ld(H_ref), ld(C_ref),
-        ld(CW_ref), ld(CS_ref), ld(g_ref), ld(h_ref), ld(e_ref), ld(dy_ref), dW_scr[...], dS_scr[...])
+        ld(CW_ref), ld(CS_ref), ld(g_ref), ld(h_ref), ld(e_ref), ld(dy_ref), dW_scr[...], dS_scr[...], clip=clip)
     for ref, val in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dG_ref, dG), (dH_ref, dH), (dC_ref, dC),
                      (dCW_ref, dCW), (dCS_ref, dCS), (dg_ref, dg), (dh_ref, dh), (de_ref, de)):
         ref[...] = val.astype(ref.dtype)
@@ -110,7 +110,7 @@ def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
 
 
-def _forward(args, *, b, interpret, save):
+def _forward(args, *, b, interpret, save, clip):
     q, k, v, G, H, C, CW, CS, g, h, e, W0, S0 = args
     B, T, d = q.shape
     dv = v.shape[-1]
@@ -125,7 +125,7 @@ def _forward(args, *, b, interpret, save):
         out_shape += [jax.ShapeDtypeStruct((B, nc * d, dv), F32)] * 2
         out_specs += [res(dv), res(dv)]
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, save=save),
+        functools.partial(_fwd_kernel, save=save, clip=clip),
         out_shape=out_shape,
         grid=(B, nc),
         in_specs=in_specs,
@@ -137,7 +137,7 @@ def _forward(args, *, b, interpret, save):
     )(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
 
 
-def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret):
+def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret, clip):
     q, k, v, G, H, C, CW, CS, g, h, e, W0, S0 = args
     B, T, d = q.shape
     dv = v.shape[-1]
@@ -150,7 +150,7 @@ def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret):
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, G, H, C, CW, CS, g, h, e)]
     out_shape += [jax.ShapeDtypeStruct((B, d, dv), F32)] * 2
     outs = pl.pallas_call(
-        _bwd_kernel,
+        functools.partial(_bwd_kernel, clip=clip),
         out_shape=out_shape,
         grid=(B, nc),
         in_specs=in_specs,
@@ -164,23 +164,24 @@ def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret):
     return (*rest, dW0.astype(W0.dtype), dS0.astype(S0.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(13, 14))
-def linear_core_mosaic(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(13, 14, 15))
+def linear_core_mosaic(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret, clip=0.0):
     """Same contract as xla.linear_core (shapes there), computed by the Mosaic TPU kernels."""
-    y, Wf, Sf = _forward((q, k, v, G, H, C, CW, CS, g, h, e, W0, S0), b=b, interpret=interpret, save=False)
+    y, Wf, Sf = _forward((q, k, v, G, H, C, CW, CS, g, h, e, W0, S0), b=b, interpret=interpret, save=False,
+                         clip=clip)
     return y, Wf, Sf
 
 
-def _core_fwd(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret):
+def _core_fwd(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret, clip):
     args = (q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
-    y, Wf, Sf, Ws, Ss = _forward(args, b=b, interpret=interpret, save=True)
+    y, Wf, Sf, Ws, Ss = _forward(args, b=b, interpret=interpret, save=True, clip=clip)
     return (y, Wf, Sf), (args, Ws, Ss)
 
 
-def _core_bwd(b, interpret, res, cts):
+def _core_bwd(b, interpret, clip, res, cts):
     args, Ws, Ss = res
     dy, dWf, dSf = cts
-    return _backward(args, Ws, Ss, dy, dWf, dSf, b=b, interpret=interpret)
+    return _backward(args, Ws, Ss, dy, dWf, dSf, b=b, interpret=interpret, clip=clip)
 
 
 linear_core_mosaic.defvjp(_core_fwd, _core_bwd)
@@ -189,9 +190,9 @@ linear_core_mosaic.defvjp(_core_fwd, _core_bwd)
 def chunked_memory_mosaic(
     q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.Array, alpha: jax.Array,
     init_params: Sequence[jax.Array], momentum0: Sequence[jax.Array], *, chunk_size: int,
-    retrieve_after_update: bool = False, activation: str = "silu", interpret=False,
+    retrieve_after_update: bool = False, activation: str = "silu", interpret=False, grad_clip: float = 0.0,
 ) -> tuple[jax.Array, Params, Params]:
-    """Linear Titans memory with the Mosaic TPU kernels. Shapes as xla.chunked_memory_xla; depth 1.
+    """Linear Titans memory with the Mosaic TPU kernels. Shapes and grad_clip as xla.chunked_memory_xla; depth 1.
 
     interpret: False, True (HLO interpreter) or a pltpu.InterpretParams() (TPU simulator on CPU).
     """
@@ -199,5 +200,5 @@ def chunked_memory_mosaic(
     check_supported(q.shape, v.shape, len(init_params), chunk_size, interpret)
     coef_args, (W0,), (S0,) = xla.kernel_inputs(q, k, v, theta, eta, alpha, init_params, momentum0, chunk_size,
                                                 retrieve_after_update)
-    y, W, S = linear_core_mosaic(*coef_args, W0, S0, chunk_size, interpret)
+    y, W, S = linear_core_mosaic(*coef_args, W0, S0, chunk_size, interpret, float(grad_clip))
     return y, (W,), (S,)

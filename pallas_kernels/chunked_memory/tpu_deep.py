@@ -66,7 +66,7 @@ def _init_scratch(scratch, sources):
             dst[...] = src[...].astype(F32)
 
 
-def _fwd_kernel(*refs, L: int, activation: str, save: bool):
+def _fwd_kernel(*refs, L: int, activation: str, clip: float, save: bool):
     """Refs: 11 chunk inputs, M0 x L, S0 x L | y, Mf x L, Sf x L[, residuals 2L] | scratch M x L, S x L."""
     ins, rest = refs[:N_COEF + 2 * L], refs[N_COEF + 2 * L:]
     M0, S0 = ins[N_COEF:N_COEF + L], ins[N_COEF + L:]
@@ -82,7 +82,7 @@ def _fwd_kernel(*refs, L: int, activation: str, save: bool):
         for l in range(L):
             outs[1 + 2 * L + l][...] = Ms[l]
             outs[1 + 3 * L + l][...] = Ss[l]
-    y, Ms, Ss = _chunk_fn(activation)(Ms, Ss, *(r[...].astype(F32) for r in ins[:N_COEF]))
+    y, Ms, Ss = _chunk_fn(activation, clip)(Ms, Ss, *(r[...].astype(F32) for r in ins[:N_COEF]))
     y_ref[...] = y.astype(y_ref.dtype)
     for l in range(L):
         M_scr[l][...] = Ms[l]
@@ -92,7 +92,7 @@ def _fwd_kernel(*refs, L: int, activation: str, save: bool):
         Sf[l][...] = Ss[l]
 
 
-def _bwd_kernel(*refs, L: int, activation: str):
+def _bwd_kernel(*refs, L: int, activation: str, clip: float):
     """Refs: 11 chunk inputs, M residuals x L, S residuals x L, dy, dMf x L, dSf x L | d of the 11 inputs,
     dM0 x L, dS0 x L | scratch dM x L, dS x L. program_id(1) == 0 is the LAST chunk."""
     n_in = N_COEF + 4 * L + 1
@@ -106,7 +106,7 @@ def _bwd_kernel(*refs, L: int, activation: str):
 
     Ms = tuple(r[...] for r in Ms_res)
     Ss = tuple(r[...] for r in Ss_res)
-    _, vjp = jax.vjp(_chunk_fn(activation), Ms, Ss, *(r[...].astype(F32) for r in ins[:N_COEF]))
+    _, vjp = jax.vjp(_chunk_fn(activation, clip), Ms, Ss, *(r[...].astype(F32) for r in ins[:N_COEF]))
     dMs, dSs, *d_in = vjp((dy_ref[...].astype(F32), tuple(r[...] for r in dM_scr), tuple(r[...] for r in dS_scr)))
     for ref, val in zip(outs[:N_COEF], d_in):
         ref[...] = val.astype(ref.dtype)
@@ -133,7 +133,7 @@ def _call(kernel, grid, M0, in_specs, out_shape, out_specs, which: str, interpre
     )
 
 
-def _forward(coef_args, M0, S0, *, b, activation, interpret, save):
+def _forward(coef_args, M0, S0, *, b, activation, clip, interpret, save):
     q, v = coef_args[0], coef_args[2]
     B, T, d = q.shape
     dv, nc, L = v.shape[-1], T // b, len(M0)
@@ -146,7 +146,7 @@ def _forward(coef_args, M0, S0, *, b, activation, interpret, save):
     if save:
         out_shape += [jax.ShapeDtypeStruct((B, nc * w.shape[1], w.shape[2]), F32) for w in M0] * 2
         out_specs += [res(w.shape[1], w.shape[2]) for w in M0] * 2
-    outs = _call(functools.partial(_fwd_kernel, L=L, activation=activation, save=save), (B, nc), M0,
+    outs = _call(functools.partial(_fwd_kernel, L=L, activation=activation, clip=clip, save=save), (B, nc), M0,
                  in_specs, out_shape, out_specs, "fwd", interpret)(*coef_args, *M0, *S0)
     y, Mf, Sf = outs[0], tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L])
     if not save:
@@ -154,7 +154,7 @@ def _forward(coef_args, M0, S0, *, b, activation, interpret, save):
     return y, Mf, Sf, tuple(outs[1 + 2 * L:1 + 3 * L]), tuple(outs[1 + 3 * L:])
 
 
-def _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, *, b, activation, interpret):
+def _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, *, b, activation, clip, interpret):
     q, v = coef_args[0], coef_args[2]
     B, T, d = q.shape
     dv, nc, L = v.shape[-1], T // b, len(M0)
@@ -165,30 +165,32 @@ def _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, *, b, activation, interpr
     out_specs = _coef_specs(tok, scal, d, dv, b) + st + st
     states = [jax.ShapeDtypeStruct(w.shape, F32) for w in M0]
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in coef_args] + states + states
-    outs = _call(functools.partial(_bwd_kernel, L=L, activation=activation), (B, nc), M0, in_specs, out_shape,
-                 out_specs, "bwd", interpret)(*coef_args, *Ms, *Ss, dy, *(x.astype(F32) for x in dMf),
-                                              *(x.astype(F32) for x in dSf))
+    kernel = functools.partial(_bwd_kernel, L=L, activation=activation, clip=clip)
+    outs = _call(kernel, (B, nc), M0, in_specs, out_shape, out_specs, "bwd", interpret)(
+        *coef_args, *Ms, *Ss, dy, *(x.astype(F32) for x in dMf), *(x.astype(F32) for x in dSf))
     dM0 = tuple(x.astype(w.dtype) for x, w in zip(outs[N_COEF:N_COEF + L], M0))
     dS0 = tuple(x.astype(w.dtype) for x, w in zip(outs[N_COEF + L:], S0))
     return tuple(outs[:N_COEF]), dM0, dS0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def deep_core_mosaic(coef_args, M0, S0, b, activation, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def deep_core_mosaic(coef_args, M0, S0, b, activation, clip, interpret):
     """coef_args = (q, k, v, G, H, C, CW, CS, g, h, e) with g, h, e [B, T/b, 1, 1]; M0, S0 tuples of
     [B, d_in, d_out]. Returns y [B, T, d_v], final M, final S (tuples)."""
-    return _forward(coef_args, M0, S0, b=b, activation=activation, interpret=interpret, save=False)
+    return _forward(coef_args, M0, S0, b=b, activation=activation, clip=clip, interpret=interpret, save=False)
 
 
-def _core_fwd(coef_args, M0, S0, b, activation, interpret):
-    y, Mf, Sf, Ms, Ss = _forward(coef_args, M0, S0, b=b, activation=activation, interpret=interpret, save=True)
+def _core_fwd(coef_args, M0, S0, b, activation, clip, interpret):
+    y, Mf, Sf, Ms, Ss = _forward(coef_args, M0, S0, b=b, activation=activation, clip=clip, interpret=interpret,
+                                 save=True)
     return (y, Mf, Sf), (coef_args, M0, S0, Ms, Ss)
 
 
-def _core_bwd(b, activation, interpret, res, cts):
+def _core_bwd(b, activation, clip, interpret, res, cts):
     coef_args, M0, S0, Ms, Ss = res
     dy, dMf, dSf = cts
-    return _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, b=b, activation=activation, interpret=interpret)
+    return _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, b=b, activation=activation, clip=clip,
+                     interpret=interpret)
 
 
 deep_core_mosaic.defvjp(_core_fwd, _core_bwd)
@@ -197,12 +199,12 @@ deep_core_mosaic.defvjp(_core_fwd, _core_bwd)
 def chunked_memory_mosaic_deep(
     q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.Array, alpha: jax.Array,
     init_params: Sequence[jax.Array], momentum0: Sequence[jax.Array], *, chunk_size: int,
-    retrieve_after_update: bool = False, activation: str = "silu", interpret=False,
+    retrieve_after_update: bool = False, activation: str = "silu", interpret=False, grad_clip: float = 0.0,
 ) -> tuple[jax.Array, Params, Params]:
-    """Deep Titans memory with the Mosaic TPU kernels. Shapes as xla.chunked_memory_xla; depth >= 2.
+    """Deep Titans memory with the Mosaic TPU kernels. Shapes and grad_clip as xla.chunked_memory_xla; depth >= 2.
     interpret: False, True (HLO interpreter) or a pltpu.InterpretParams() (TPU simulator on CPU)."""
     dims = [init_params[0].shape[1]] + [w.shape[2] for w in init_params]
     check_supported(q.shape, v.shape, dims, chunk_size, interpret)
     coef_args, M0, S0 = xla.kernel_inputs(q, k, v, theta, eta, alpha, init_params, momentum0, chunk_size,
                                           retrieve_after_update)
-    return deep_core_mosaic(coef_args, M0, S0, chunk_size, activation, interpret)
+    return deep_core_mosaic(coef_args, M0, S0, chunk_size, activation, float(grad_clip), interpret)

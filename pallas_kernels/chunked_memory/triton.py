@@ -63,7 +63,7 @@ def check_supported(q_shape, v_shape, depth: int, chunk_size: int, interpret: bo
 
 # ------------------------------------------------------------------------------------------- kernels
 def _fwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref, h_ref, e_ref, W0_ref,
-                S0_ref, y_ref, Wf_ref, Sf_ref, *res_refs, b: int, nc: int, d: int):
+                S0_ref, y_ref, Wf_ref, Sf_ref, *res_refs, b: int, nc: int, d: int, clip: float):
     """Per sequence: q_ref [T, d_k] ... C_ref [T, b], g_ref [nc, 1]; optional residuals [nc*d_k, d_v]."""
 
     def body(c, carry):
@@ -76,7 +76,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref,
         one = pl.ds(c, 1)
         y, W, S = xla.linear_chunk_forward(
             W, S, ld(q_ref), ld(k_ref), ld(v_ref), ld(G_ref), ld(H_ref), ld(C_ref), ld(CW_ref),
-            ld(CS_ref), g_ref[one, :], h_ref[one, :], e_ref[one, :])
+            ld(CS_ref), g_ref[one, :], h_ref[one, :], e_ref[one, :], clip=clip)
         y_ref[tok, :] = y.astype(y_ref.dtype)
         return W, S
 
@@ -88,7 +88,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref,
 def _bwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref, h_ref, e_ref, Ws_ref,
                 Ss_ref, dy_ref, dWf_ref, dSf_ref,
                 dq_ref, dk_ref, dv_ref, dG_ref, dH_ref, dC_ref, dCW_ref, dCS_ref, dg_ref, dh_ref, de_ref,
-                dW0_ref, dS0_ref, *, b: int, nc: int, d: int):
+                dW0_ref, dS0_ref, *, b: int, nc: int, d: int, clip: float):
     """Reverse loop over chunks; carries dW, dS [d_k, d_v] of the chunk-end state."""
 
     def body(i, carry):
@@ -101,7 +101,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, G_ref, H_ref, C_ref, CW_ref, CS_ref, g_ref,
         S = Ss_ref[pl.ds(c * d, d), :]
         (dW, dS, dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de) = xla.linear_chunk_backward(
             W, S, ld(q_ref), ld(k_ref), ld(v_ref), ld(G_ref), ld(H_ref), ld(C_ref), ld(CW_ref),
-            ld(CS_ref), g_ref[one, :], h_ref[one, :], e_ref[one, :], ld(dy_ref), dW1, dS1)
+            ld(CS_ref), g_ref[one, :], h_ref[one, :], e_ref[one, :], ld(dy_ref), dW1, dS1, clip=clip)
         for ref, val in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dG_ref, dG), (dH_ref, dH),
                          (dC_ref, dC), (dCW_ref, dCW), (dCS_ref, dCS)):
             ref[tok, :] = val.astype(ref.dtype)
@@ -125,7 +125,7 @@ def _params(num_warps: int):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _forward(args, *, b, interpret, num_warps, save):
+def _forward(args, *, b, interpret, num_warps, save, clip):
     q, k, v, G, H, C, CW, CS, g, h, e, W0, S0 = args
     B, T, d = q.shape
     dv = v.shape[-1]
@@ -137,7 +137,7 @@ def _forward(args, *, b, interpret, num_warps, save):
         out_shape += [jax.ShapeDtypeStruct((B, nc * d, dv), F32)] * 2
     ins = (q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
     outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, b=b, nc=nc, d=d),
+        functools.partial(_fwd_kernel, b=b, nc=nc, d=d, clip=clip),
         out_shape=out_shape,
         grid=(B,),
         in_specs=[_spec(x.shape) for x in ins],
@@ -149,7 +149,7 @@ def _forward(args, *, b, interpret, num_warps, save):
     return outs
 
 
-def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret, num_warps):
+def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret, num_warps, clip):
     q, k, v, G, H, C, CW, CS, g, h, e, W0, S0 = args
     B, T, d = q.shape
     nc = T // b
@@ -158,7 +158,7 @@ def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret, num_warps):
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, G, H, C, CW, CS, g3, h3, e3)]
     out_shape += [jax.ShapeDtypeStruct(W0.shape, F32), jax.ShapeDtypeStruct(S0.shape, F32)]
     outs = pl.pallas_call(
-        functools.partial(_bwd_kernel, b=b, nc=nc, d=d),
+        functools.partial(_bwd_kernel, b=b, nc=nc, d=d, clip=clip),
         out_shape=out_shape,
         grid=(B,),
         in_specs=[_spec(x.shape) for x in ins],
@@ -172,24 +172,24 @@ def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret, num_warps):
     return (dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de, dW0.astype(W0.dtype), dS0.astype(S0.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(13, 14, 15))
-def linear_core_triton(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret, num_warps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(13, 14, 15, 16))
+def linear_core_triton(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret, num_warps, clip=0.0):
     """Same contract as xla.linear_core (shapes there), computed by the Triton kernels."""
     args = (q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
-    y, Wf, Sf = _forward(args, b=b, interpret=interpret, num_warps=num_warps, save=False)
+    y, Wf, Sf = _forward(args, b=b, interpret=interpret, num_warps=num_warps, save=False, clip=clip)
     return y, Wf, Sf
 
 
-def _core_fwd(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret, num_warps):
+def _core_fwd(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, b, interpret, num_warps, clip):
     args = (q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
-    y, Wf, Sf, Ws, Ss = _forward(args, b=b, interpret=interpret, num_warps=num_warps, save=True)
+    y, Wf, Sf, Ws, Ss = _forward(args, b=b, interpret=interpret, num_warps=num_warps, save=True, clip=clip)
     return (y, Wf, Sf), (args, Ws, Ss)
 
 
-def _core_bwd(b, interpret, num_warps, res, cts):
+def _core_bwd(b, interpret, num_warps, clip, res, cts):
     args, Ws, Ss = res
     dy, dWf, dSf = cts
-    return _backward(args, Ws, Ss, dy, dWf, dSf, b=b, interpret=interpret, num_warps=num_warps)
+    return _backward(args, Ws, Ss, dy, dWf, dSf, b=b, interpret=interpret, num_warps=num_warps, clip=clip)
 
 
 linear_core_triton.defvjp(_core_fwd, _core_bwd)
@@ -199,12 +199,12 @@ def chunked_memory_triton(
     q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.Array, alpha: jax.Array,
     init_params: Sequence[jax.Array], momentum0: Sequence[jax.Array], *, chunk_size: int,
     retrieve_after_update: bool = False, activation: str = "silu", interpret: bool = False,
-    num_warps: int = 4,
+    num_warps: int = 4, grad_clip: float = 0.0,
 ) -> tuple[jax.Array, Params, Params]:
-    """Linear Titans memory with the Triton kernels. Shapes as xla.chunked_memory_xla; depth must be 1."""
+    """Linear Titans memory with the Triton kernels. Shapes and grad_clip as xla.chunked_memory_xla; depth 1."""
     del activation  # linear memory has no activation
     check_supported(q.shape, v.shape, len(init_params), chunk_size, interpret)
     coef_args, (W0,), (S0,) = xla.kernel_inputs(q, k, v, theta, eta, alpha, init_params, momentum0, chunk_size,
                                                 retrieve_after_update)
-    y, W, S = linear_core_triton(*coef_args, W0, S0, chunk_size, interpret, num_warps)
+    y, W, S = linear_core_triton(*coef_args, W0, S0, chunk_size, interpret, num_warps, float(grad_clip))
     return y, (W,), (S,)

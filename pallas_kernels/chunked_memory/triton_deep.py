@@ -54,9 +54,9 @@ def check_supported(q_shape, v_shape, dims: Sequence[int], chunk_size: int, inte
         raise NotImplementedError("triton deep chunked_memory: chunk_size and memory widths must be >= 16 (tl.dot)")
 
 
-def _chunk_fn(activation):
+def _chunk_fn(activation, clip):
     def f(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e):
-        return xla._factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation)
+        return xla._factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation, clip)
     return f
 
 
@@ -78,13 +78,13 @@ def _loop_over_chunks(nc: int, body, init_refs, out_refs):
         ref[...] = val
 
 
-def _fwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activation: str, save: bool):
+def _fwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activation: str, clip: float, save: bool):
     """Refs: 11 per-sequence inputs, M0 x L, S0 x L | y, Mf x L, Sf x L[, M residuals x L, S residuals x L]."""
     ins, outs = refs[:N_COEF + 2 * L], refs[N_COEF + 2 * L:]
     M0_refs, S0_refs = ins[N_COEF:N_COEF + L], ins[N_COEF + L:]
     y_ref, Mf_refs, Sf_refs = outs[0], outs[1:1 + L], outs[1 + L:1 + 2 * L]
     Ms_res, Ss_res = (outs[1 + 2 * L:1 + 3 * L], outs[1 + 3 * L:]) if save else ((), ())
-    chunk = _chunk_fn(activation)
+    chunk = _chunk_fn(activation, clip)
 
     def body(c, carry):
         Ms, Ss = carry
@@ -99,7 +99,7 @@ def _fwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activatio
     _loop_over_chunks(nc, body, M0_refs + S0_refs, Mf_refs + Sf_refs)
 
 
-def _bwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activation: str):
+def _bwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activation: str, clip: float):
     """Refs: 11 inputs, M residuals x L, S residuals x L, dy, dMf x L, dSf x L | d of the 11 inputs,
     dM0 x L, dS0 x L. Reverse loop over chunks carrying the cotangents of the chunk-end state."""
     n_in = N_COEF + 2 * L + 1 + 2 * L
@@ -108,7 +108,7 @@ def _bwd_kernel(*refs, L: int, b: int, nc: int, dims: tuple[int, ...], activatio
     dy_ref = ins[N_COEF + 2 * L]
     dMf_refs, dSf_refs = ins[N_COEF + 2 * L + 1:N_COEF + 3 * L + 1], ins[N_COEF + 3 * L + 1:]
     d_in_refs, dM0_refs, dS0_refs = outs[:N_COEF], outs[N_COEF:N_COEF + L], outs[N_COEF + L:]
-    chunk = _chunk_fn(activation)
+    chunk = _chunk_fn(activation, clip)
 
     def body(i, carry):
         dM1, dS1 = carry
@@ -155,7 +155,7 @@ def _call(kernel, ins, out_shape, which: str, interpret, num_warps):
     )(*ins)
 
 
-def _forward(coef_args, M0, S0, *, b, activation, interpret, num_warps, save):
+def _forward(coef_args, M0, S0, *, b, activation, clip, interpret, num_warps, save):
     q = coef_args[0]
     B, T, nc, L, dims = _geometry(coef_args, M0, b)
     ins = _inputs(coef_args, b) + tuple(M0) + tuple(S0)
@@ -164,7 +164,7 @@ def _forward(coef_args, M0, S0, *, b, activation, interpret, num_warps, save):
     if save:
         res = [jax.ShapeDtypeStruct((B, nc * w.shape[1], w.shape[2]), F32) for w in M0]
         out_shape += res + res
-    kernel = functools.partial(_fwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation, save=save)
+    kernel = functools.partial(_fwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation, clip=clip, save=save)
     outs = _call(kernel, ins, out_shape, "fwd", interpret, num_warps)
     y, Mf, Sf = outs[0], tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L])
     if not save:
@@ -172,14 +172,14 @@ def _forward(coef_args, M0, S0, *, b, activation, interpret, num_warps, save):
     return y, Mf, Sf, tuple(outs[1 + 2 * L:1 + 3 * L]), tuple(outs[1 + 3 * L:])
 
 
-def _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, *, b, activation, interpret, num_warps):
+def _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, *, b, activation, clip, interpret, num_warps):
     B, T, nc, L, dims = _geometry(coef_args, M0, b)
     ins = (_inputs(coef_args, b) + tuple(Ms) + tuple(Ss) + (dy,)
            + tuple(x.astype(F32) for x in dMf) + tuple(x.astype(F32) for x in dSf))
     per_input = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _inputs(coef_args, b)]
     states = [jax.ShapeDtypeStruct(w.shape, F32) for w in M0]
     out_shape = per_input + states + states
-    kernel = functools.partial(_bwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation)
+    kernel = functools.partial(_bwd_kernel, L=L, b=b, nc=nc, dims=dims, activation=activation, clip=clip)
     outs = _call(kernel, ins, out_shape, "bwd", interpret, num_warps)
     d_in = list(outs[:N_COEF])
     d_in[8:11] = [x.reshape(B, nc, 1, 1) for x in d_in[8:11]]
@@ -188,24 +188,24 @@ def _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, *, b, activation, interpr
     return tuple(d_in), dM0, dS0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def deep_core_triton(coef_args, M0, S0, b, activation, interpret, num_warps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def deep_core_triton(coef_args, M0, S0, b, activation, clip, interpret, num_warps):
     """coef_args = (q, k, v, G, H, C, CW, CS, g, h, e) as xla.linear_core takes them; M0, S0: tuples of
     [B, d_in, d_out]. Returns y [B, T, d_v], final M, final S (tuples)."""
-    return _forward(coef_args, M0, S0, b=b, activation=activation, interpret=interpret, num_warps=num_warps,
+    return _forward(coef_args, M0, S0, b=b, activation=activation, clip=clip, interpret=interpret, num_warps=num_warps,
                     save=False)
 
 
-def _core_fwd(coef_args, M0, S0, b, activation, interpret, num_warps):
-    y, Mf, Sf, Ms, Ss = _forward(coef_args, M0, S0, b=b, activation=activation, interpret=interpret,
+def _core_fwd(coef_args, M0, S0, b, activation, clip, interpret, num_warps):
+    y, Mf, Sf, Ms, Ss = _forward(coef_args, M0, S0, b=b, activation=activation, clip=clip, interpret=interpret,
                                  num_warps=num_warps, save=True)
     return (y, Mf, Sf), (coef_args, M0, S0, Ms, Ss)
 
 
-def _core_bwd(b, activation, interpret, num_warps, res, cts):
+def _core_bwd(b, activation, clip, interpret, num_warps, res, cts):
     coef_args, M0, S0, Ms, Ss = res
     dy, dMf, dSf = cts
-    return _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, b=b, activation=activation,
+    return _backward(coef_args, M0, S0, Ms, Ss, dy, dMf, dSf, b=b, activation=activation, clip=clip,
                      interpret=interpret, num_warps=num_warps)
 
 
@@ -216,11 +216,11 @@ def chunked_memory_triton_deep(
     q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.Array, alpha: jax.Array,
     init_params: Sequence[jax.Array], momentum0: Sequence[jax.Array], *, chunk_size: int,
     retrieve_after_update: bool = False, activation: str = "silu", interpret: bool = False,
-    num_warps: int = 4,
+    num_warps: int = 4, grad_clip: float = 0.0,
 ) -> tuple[jax.Array, Params, Params]:
-    """Deep Titans memory with the Triton kernels. Shapes as xla.chunked_memory_xla; depth must be >= 2."""
+    """Deep Titans memory with the Triton kernels. Shapes and grad_clip as xla.chunked_memory_xla; depth >= 2."""
     dims = [init_params[0].shape[1]] + [w.shape[2] for w in init_params]
     check_supported(q.shape, v.shape, dims, chunk_size, interpret)
     coef_args, M0, S0 = xla.kernel_inputs(q, k, v, theta, eta, alpha, init_params, momentum0, chunk_size,
                                           retrieve_after_update)
-    return deep_core_triton(coef_args, M0, S0, chunk_size, activation, interpret, num_warps)
+    return deep_core_triton(coef_args, M0, S0, chunk_size, activation, float(grad_clip), interpret, num_warps)

@@ -26,6 +26,10 @@ the same coefficients give every token's weights implicitly and the retrieval is
 (`_factored_chunk`). The literal form, vmap(grad) per chunk + both scans on b per-token copies of the
 weights + y_j = M_j(q_j) (`_per_token_sequence`), is kept as path='per_token' for cross-checks.
 
+Optional per-token gradient clipping (grad_clip = c > 0; not in the paper): u_j -> u_j min(1, c / ||u_j||).
+The scans are linear in the gradients, so this is exact in the chunked form: token j's E_j (linear) or its
+deltas (deep; ||u_j||^2 = sum over layers of |a_j|^2 |delta_j|^2) are multiplied by that factor.
+
 The loop over chunks is a lax.scan with jax.checkpoint per chunk (activation memory ~ #chunks x |M|).
 No stop_gradient anywhere: the outer loss differentiates through the inner updates.
 """
@@ -219,10 +223,26 @@ def _sum11(x):
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def linear_chunk_state(W, S, k, v, CW, CS, g, h, e):
+def clip_scale(norm_sq: jax.Array, clip: float) -> jax.Array:
+    """Per-token factor min(1, clip / ||u||) from ||u||^2, written as clip * rsqrt(max(||u||^2, clip^2)) so that
+    its gradient is exactly 0 where nothing is clipped (no rsqrt(0) in the backward)."""
+    return clip * lax.rsqrt(jnp.maximum(norm_sq, clip * clip))
+
+
+def _clipped_errors(k, E_raw, clip: float):
+    """Linear memory: token j's gradient u_j = k_j^T E_j has ||u_j||_F = ||k_j|| ||E_j||; rescale E_j so that it
+    is at most `clip` (0: no clipping). Returns (E, scale [b, 1] or None)."""
+    if not clip:
+        return E_raw, None
+    n2 = jnp.sum(k * k, axis=1, keepdims=True) * jnp.sum(E_raw * E_raw, axis=1, keepdims=True)
+    s = clip_scale(n2, clip)
+    return s * E_raw, s
+
+
+def linear_chunk_state(W, S, k, v, CW, CS, g, h, e, clip: float = 0.0):
     """Chunk-end state of linear memory. W, S [d_k, d_v]; k [b, d_k]; v [b, d_v]; CW, CS [b, 1];
-    g, h, e [1, 1]. Returns E [b, d_v] (token gradients are k_j^T E_j), W', S'."""
-    E = 2.0 * (_dot(k, W) - v)
+    g, h, e [1, 1]. Returns E [b, d_v] (token gradients are k_j^T E_j, norm-clipped to `clip` if > 0), W', S'."""
+    E, _ = _clipped_errors(k, 2.0 * (_dot(k, W) - v), clip)
     W1 = g * W + h * S + _dot(k, CW * E, ta=True)
     S1 = e * S + _dot(k, CS * E, ta=True)
     return E, W1, S1
@@ -235,24 +255,37 @@ def linear_chunk_output(W, S, q, k, E, G, H, C):
     return G * _dot(q, W) + H * _dot(q, S) + _dot(C * A, E)
 
 
-def linear_chunk_forward(W, S, q, k, v, G, H, C, CW, CS, g, h, e):
+def linear_chunk_forward(W, S, q, k, v, G, H, C, CW, CS, g, h, e, clip: float = 0.0):
     """One chunk of linear memory. W, S [d_k, d_v]; q, k [b, d_k]; v [b, d_v]; G, H, CW, CS [b, 1];
-    C [b, b]; g, h, e [1, 1]. Returns y [b, d_v], chunk-end W and S."""
-    E, W1, S1 = linear_chunk_state(W, S, k, v, CW, CS, g, h, e)
+    C [b, b]; g, h, e [1, 1]; clip: per-token gradient-norm bound (0: none). Returns y [b, d_v], chunk-end W, S."""
+    E, W1, S1 = linear_chunk_state(W, S, k, v, CW, CS, g, h, e, clip)
     return linear_chunk_output(W, S, q, k, E, G, H, C), W1, S1
 
 
-def linear_chunk_backward(W, S, q, k, v, G, H, C, CW, CS, g, h, e, dy, dW1, dS1):
+def linear_chunk_backward(W, S, q, k, v, G, H, C, CW, CS, g, h, e, dy, dW1, dS1, clip: float = 0.0):
     """Hand-written VJP of linear_chunk_forward (used by the Pallas backward kernels).
 
     Returns (dW, dS, dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de) with the shapes of the inputs.
+    With clip > 0, E = s E_raw with s = clip / sqrt(max(n2, clip^2)), n2 = |k|^2 |E_raw|^2 (per token), so
+    dE_raw = s dE + t 2|k|^2 E_raw and dk gains t 2|E_raw|^2 k, where t = <dE, E_raw> ds/dn2 and
+    ds/dn2 = -s / (2 n2) where n2 > clip^2, else 0.
     """
-    E = 2.0 * (_dot(k, W) - v)
+    E_raw = 2.0 * (_dot(k, W) - v)
+    E, s = _clipped_errors(k, E_raw, clip)
     A = _dot(q, k, tb=True)
     CA = C * A
     KdW = _dot(k, dW1)                                       # [b, d_v]
     KdS = _dot(k, dS1)
     dE = _dot(CA, dy, ta=True) + CW * KdW + CS * KdS
+    dk_clip = 0.0
+    if clip:
+        kk = jnp.sum(k * k, axis=1, keepdims=True)
+        ee = jnp.sum(E_raw * E_raw, axis=1, keepdims=True)
+        n2 = kk * ee
+        ds_dn2 = jnp.where(n2 > clip * clip, -0.5 * s / jnp.maximum(n2, clip * clip), 0.0)
+        t = jnp.sum(dE * E_raw, axis=1, keepdims=True) * ds_dn2
+        dE = s * dE + (2.0 * t * kk) * E_raw
+        dk_clip = (2.0 * t * ee) * k
     dCA = _dot(dy, E, tb=True)                               # [b, b]
     dA = C * dCA
     dC = A * dCA
@@ -267,7 +300,7 @@ def linear_chunk_backward(W, S, q, k, v, G, H, C, CW, CS, g, h, e, dy, dW1, dS1)
     dP = 2.0 * dE                                            # P = k W - v
     dq = _dot(GdY, W, tb=True) + _dot(HdY, S, tb=True) + _dot(dA, k)
     dk = (_dot(dA, q, ta=True) + _dot(CW * E, dW1, tb=True) + _dot(CS * E, dS1, tb=True)
-          + _dot(dP, W, tb=True))
+          + _dot(dP, W, tb=True) + dk_clip)
     dv = -dP
     dW = _dot(q, GdY, ta=True) + _dot(k, dP, ta=True) + g * dW1
     dS = _dot(q, HdY, ta=True) + h * dW1 + e * dS1
@@ -277,11 +310,12 @@ def linear_chunk_backward(W, S, q, k, v, G, H, C, CW, CS, g, h, e, dy, dW1, dS1)
     return dW, dS, dq, dk, dv, dG, dH, dC, dCW, dCS, dg, dh, de
 
 
-def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, remat: bool = True):
+def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, remat: bool = True,
+                clip: float = 0.0):
     """Linear memory over whole sequences from precomputed coefficients (the layout the kernels take).
 
     q, k [B, T, d_k]; v [B, T, d_v]; G, H, CW, CS [B, T, 1]; C [B, T, b]; g, h, e [B, T/b, 1, 1];
-    W0, S0 [B, d_k, d_v]. Returns y [B, T, d_v], W_T, S_T [B, d_k, d_v].
+    W0, S0 [B, d_k, d_v]; clip: per-token gradient-norm bound (0: none). Returns y [B, T, d_v], W_T, S_T.
     """
     b = chunk_size
 
@@ -291,7 +325,7 @@ def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, r
 
         def body(carry, xs):
             W, S = carry
-            y, W, S = linear_chunk_forward(W, S, *xs)
+            y, W, S = linear_chunk_forward(W, S, *xs, clip=clip)
             return (W, S), y
 
         body = jax.checkpoint(body) if remat else body
@@ -303,7 +337,7 @@ def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, r
 
 
 # ------------------------------------------------------------------------------------------ deep memory
-def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation):
+def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation, clip: float = 0.0):
     """One chunk of an L-layer bias-free MLP memory without per-token weights.
 
     Each layer's per-token gradient at the chunk-start weights is an outer product a_j^T delta_j
@@ -311,7 +345,9 @@ def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation):
     w.r.t. zero offsets on the pre-activations (one batched backward for the chunk). The weights that
     token j reads are M_j = G_j M0 + H_j S0 + sum_i C_ji a_i^T delta_i for every layer, so the
     retrieval is, layer by layer, z = G (x W0) + H (x S0) + (C o x A^T) Delta: attention-like matmuls.
-    Ms, Ss: tuples of [d_in, d_out]; other shapes as linear_chunk_forward.
+    Ms, Ss: tuples of [d_in, d_out]; other shapes as linear_chunk_forward. clip > 0 rescales token j's
+    gradient (all layers together, ||u_j||^2 = sum_l |a_j^l|^2 |delta_j^l|^2) to norm <= clip: every delta_j^l
+    is multiplied by the same clip_scale.
     """
     act = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}[activation]
     L = len(Ms)
@@ -326,6 +362,11 @@ def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation):
 
     zeros = [jnp.zeros((k.shape[0], W.shape[1]), k.dtype) for W in Ms]
     deltas, inputs = jax.grad(keys_loss, has_aux=True)(zeros)  # no stop_gradient: second order flows
+    if clip:
+        n2 = sum(jnp.sum(a * a, axis=1, keepdims=True) * jnp.sum(dl * dl, axis=1, keepdims=True)
+                 for a, dl in zip(inputs, deltas))
+        s = clip_scale(n2, clip)
+        deltas = [s * dl for dl in deltas]
     x, M1, S1 = q, [], []
     for l, (W, S, a, dl) in enumerate(zip(Ms, Ss, inputs, deltas)):
         z = G * _dot(x, W) + H * _dot(x, S) + _dot(C * _dot(x, a, tb=True), dl)
@@ -335,7 +376,7 @@ def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation):
     return x, tuple(M1), tuple(S1)
 
 
-def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True):
+def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True, clip: float = 0.0):
     """Any depth via _factored_chunk. q, k [B, T, d_k]; v [B, T, d_v]; c = coefficients_batched(...);
     M0, S0: tuples of [B, d_in, d_out]. Returns y [B, T, d_v], final M, final S (tuples)."""
     b = chunk_size
@@ -347,7 +388,7 @@ def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True):
         def body(carry, xs):
             qc, kc, vc, cc = xs
             y, M, S = _factored_chunk(*carry, qc, kc, vc, cc["G"], cc["H"], cc["C"], cc["CW"], cc["CS"],
-                                      cc["g"], cc["h"], cc["e"], activation)
+                                      cc["g"], cc["h"], cc["e"], activation, clip)
             return (M, S), y
 
         body = jax.checkpoint(body) if remat else body
@@ -360,7 +401,7 @@ def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True):
 
 
 def _per_token_sequence(q, k, v, theta, eta, alpha, M0, S0, chunk_size, retrieve_after_update,
-                        activation, remat):
+                        activation, remat, clip=0.0):
     """Any depth, one sequence, the literal form: vmap(grad) per chunk at the chunk-start weights,
     both scans on the weight pytrees (b copies per chunk), y_j = M_j(q_j) with each token's weights.
     Costs b x |M| memory and elementwise work per chunk; kept as an independent cross-check."""
@@ -373,6 +414,10 @@ def _per_token_sequence(q, k, v, theta, eta, alpha, M0, S0, chunk_size, retrieve
         M, S = carry
         qc, kc, vc, th, et, al = xs
         u = grad_fn(M, kc, vc, activation)                  # leaves [b, ...]
+        if clip:  # each token's gradient, all layers together, to norm <= clip
+            n2 = sum(jnp.sum(x * x, axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(u))
+            s = clip_scale(n2, clip)
+            u = jax.tree.map(lambda x: s.reshape((b,) + (1,) * (x.ndim - 1)) * x, u)
         inc = jax.tree.map(lambda gr: -th.reshape((b,) + (1,) * (gr.ndim - 1)) * gr, u)
         S_tok = scan_with_init(et, inc, S)                  # S_j for j = 1..b
         M_tok = scan_with_init(1.0 - al, S_tok, M)          # M_j for j = 1..b
@@ -407,6 +452,7 @@ def chunked_memory_xla(
     remat: bool = True,
     path: str = "auto",
     coefficient_scan: str | None = None,
+    grad_clip: float = 0.0,
 ) -> tuple[jax.Array, Params, Params]:
     """Chunked parallel form. q, k [B, T, d_k]; v [B, T, d_v]; gates [B, T]; params and momentum0 tuples
     of [B, d_in, d_out]. Returns y [B, T, d_v], final params, final momentum (at least float32).
@@ -415,6 +461,8 @@ def chunked_memory_xla(
     'factored' (any depth, outer-product gradients, no per-token weights); 'per_token' (any depth,
     vmap(grad) + scans on per-token weight copies). All compute the same function.
     coefficient_scan: chunk_coefficients' scan ('associative' | 'sequential' | 'doubling' | None = by backend).
+    grad_clip: if > 0, every token's inner gradient (all memory layers together) is rescaled to Frobenius norm
+    <= grad_clip before the momentum update (reference.py's rule); 0 (default, the paper): no clipping.
     """
     dt = jnp.promote_types(q.dtype, jnp.float32)
     cast = lambda x: x.astype(dt)
@@ -424,7 +472,7 @@ def chunked_memory_xla(
     if path == "auto":
         path = "linear" if len(params) == 1 else "factored"
     if path == "per_token":
-        fn = lambda *a: _per_token_sequence(*a, chunk_size, retrieve_after_update, activation, remat)
+        fn = lambda *a: _per_token_sequence(*a, chunk_size, retrieve_after_update, activation, remat, grad_clip)
         y, M, S = jax.vmap(fn)(q, k, v, theta, eta, alpha, params, momentum)
         return y, tuple(M), tuple(S)
     c = coefficients_batched(theta, eta, alpha, chunk_size, retrieve_after_update, coefficient_scan)
@@ -432,10 +480,10 @@ def chunked_memory_xla(
         if len(params) != 1:
             raise ValueError(f"path='linear' needs depth 1, got {len(params)}")
         y, W, S = linear_core(q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"],
-                              params[0], momentum[0], chunk_size=chunk_size, remat=remat)
+                              params[0], momentum[0], chunk_size=chunk_size, remat=remat, clip=grad_clip)
         return y, (W,), (S,)
     if path != "factored":
         raise ValueError(f"unknown path {path!r}")
     y, M, S = factored_core(q, k, v, c, params, momentum, chunk_size=chunk_size, activation=activation,
-                            remat=remat)
+                            remat=remat, clip=grad_clip)
     return y, tuple(M), tuple(S)

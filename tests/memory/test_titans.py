@@ -56,6 +56,9 @@ def model(variant: str, **kw) -> Jitted:
 
 
 # ---------------------------------------------------------------------------------------------------------
+CLIP_MODULE = 0.5  # titans.inner_grad_clip in the module test: about the median per-token gradient norm there
+
+
 def _silu(x):
     return x / (1.0 + np.exp(-x))
 
@@ -64,13 +67,14 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-@pytest.mark.parametrize("after", [False, True])
-def test_memory_module_matches_the_paper_equations(after):
+@pytest.mark.parametrize("after,clip", [(False, 0.0), (True, 0.0), (False, CLIP_MODULE)])
+def test_memory_module_matches_the_paper_equations(after, clip):
     """q/k/v = SiLU(conv(x W)), l2 on q, k; theta <= max_lr; eq. 12-15 with depth-2 M, gradients at the
-    chunk-start weights (chunk 2), token t reading M_{t-1} (or M_t), in float64 NumPy."""
+    chunk-start weights (chunk 2), token t reading M_{t-1} (or M_t), in float64 NumPy. With clip > 0
+    (titans.inner_grad_clip, not the paper's rule) each token's gradient is first scaled by min(1, clip / norm)."""
     cfg = from_dict({"model": {"kind": "titans", "d_model": 8, "n_heads": 2, "dtype": "float32",
                                "titans": {"memory_heads": 2, "memory_depth": 2, "chunk_size": 2, "conv_kernel": 3,
-                                          "max_lr": 0.7}}}).model
+                                          "max_lr": 0.7, "inner_grad_clip": clip}}}).model
     with sharding.activate(sharding.make_mesh(1, 1, 1, jax.devices()[:1])):
         mod = NeuralMemory(cfg, nnx.Rngs(3))
     rng = np.random.default_rng(0)
@@ -106,6 +110,7 @@ def test_memory_module_matches_the_paper_equations(after):
     g = _sigmoid(x @ Wg + bg)
     theta, eta, alpha = 0.7 * g[..., :H], g[..., H : 2 * H], g[..., 2 * H :]
     mlp = lambda W, a: _silu(a @ W[0]) @ W[1]
+    clipped = []
     for b in range(B):
         for h in range(H):
             M, S = [m[h].copy() for m in M0], [np.zeros_like(m[h]) for m in M0]
@@ -117,6 +122,10 @@ def test_memory_module_matches_the_paper_equations(after):
                 e = 2 * (_silu(z) @ Mc[1] - vt)          # d/dM ||M(k) - v||^2
                 dz = (e @ Mc[1].T) * _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))
                 grads = [np.outer(kt, dz), np.outer(_silu(z), e)]
+                if clip:
+                    norm = np.sqrt(sum((gr**2).sum() for gr in grads))
+                    grads = [gr * min(1.0, clip / norm) for gr in grads]
+                    clipped.append(norm)
                 y_before = mlp(M, qn[b, t, h])
                 S = [eta[b, t, h] * s - theta[b, t, h] * gr for s, gr in zip(S, grads)]
                 M = [(1 - alpha[b, t, h]) * m + s for m, s in zip(M, S)]
@@ -126,6 +135,8 @@ def test_memory_module_matches_the_paper_equations(after):
                 for g_, w_ in zip(got, want):
                     np.testing.assert_allclose(np.asarray(g_[b, h]), w_, rtol=2e-5, atol=2e-6)
     assert float(jnp.max(th)) <= 0.7
+    if clip:  # both branches of the clip are exercised
+        assert 0.2 < np.mean(np.asarray(clipped) > clip) < 0.8, np.percentile(clipped, [10, 50, 90])
 
 
 # ---------------------------------------------------------------------------------------------- causality
@@ -274,6 +285,7 @@ def test_outer_gradients_reach_the_memory_and_match_finite_differences():
 @pytest.mark.parametrize("override,key", [
     ("model.titans.chunk_size=7", "model.titans.chunk_size"),
     ("model.titans.memory_depth=0", "model.titans.memory_depth"),
+    ("model.titans.inner_grad_clip=-1", "model.titans.inner_grad_clip"),
 ])
 def test_bad_config_exits_2_with_one_line(override, key, tmp_path):
     r = run_memlm("train", "configs/tiny/titans_mac.yaml", override, f"run.dir={tmp_path}/run")

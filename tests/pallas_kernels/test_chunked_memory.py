@@ -89,8 +89,9 @@ def ref_grad(b, after):
 
 
 # ------------------------------------------------------------------------------ the spec vs the paper
-def numpy_linear_loop(q, k, v, theta, eta, alpha, W0, S0, b, after):
-    """Paper equations for linear memory in float64 NumPy: grad ||kW - v||^2 = 2 k^T (kW - v)."""
+def numpy_linear_loop(q, k, v, theta, eta, alpha, W0, S0, b, after, clip=0.0, clipped=None):
+    """Paper equations for linear memory in float64 NumPy: grad ||kW - v||^2 = 2 k^T (kW - v); with clip > 0
+    each gradient is scaled by min(1, clip / ||u||_F) (and `clipped`, a list, collects whether it was)."""
     q, k, v, theta, eta, alpha, W, S = (np.asarray(x, np.float64) for x in
                                         (q, k, v, theta, eta, alpha, W0, S0))
     ys = np.zeros(v.shape)
@@ -100,6 +101,10 @@ def numpy_linear_loop(q, k, v, theta, eta, alpha, W0, S0, b, after):
             if t % b == 0:
                 Mstart = M.copy()
             u = 2.0 * np.outer(k[n, t], k[n, t] @ Mstart - v[n, t])
+            if clip:
+                norm = np.linalg.norm(u)
+                u = u * min(1.0, clip / norm)
+                clipped.append(norm > clip)
             Sn = eta[n, t] * Sn - theta[n, t] * u
             M_new = (1.0 - alpha[n, t]) * M + Sn
             ys[n, t] = q[n, t] @ (M_new if after else M)
@@ -281,7 +286,8 @@ def test_mosaic_tpu_simulator_forward(depth):
                                                 ("mosaic", "tpu", "tpu_custom_call"),
                                                 ("triton_deep", "cuda", "__gpu$xla.gpu.triton"),
                                                 ("mosaic_deep", "tpu", "tpu_custom_call")])
-def test_kernels_lower_for_accelerators(impl, platform, call):
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_kernels_lower_for_accelerators(impl, platform, call, clip):
     sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     Bl, Tl, d = 2, 64, 16
     params = (sd(Bl, d, 2 * d), sd(Bl, 2 * d, d)) if impl.endswith("_deep") else (sd(Bl, d, d),)
@@ -289,12 +295,51 @@ def test_kernels_lower_for_accelerators(impl, platform, call):
     fn = {"triton": triton.chunked_memory_triton, "mosaic": tpu.chunked_memory_mosaic,
           "triton_deep": triton_deep.chunked_memory_triton_deep,
           "mosaic_deep": tpu_deep.chunked_memory_mosaic_deep}[impl]
-    f = lambda *a: fn(*a, chunk_size=16)
+    f = lambda *a: fn(*a, chunk_size=16, grad_clip=clip)
     fwd = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert fwd.count(call) == 1
     both = jax.jit(jax.grad(outer_loss(f), ALL_ARGS)).trace(*args).lower(
         lowering_platforms=(platform,)).as_text()
     assert both.count(call) == 2  # forward kernel + Pallas backward kernel
+
+
+# ----------------------------------------------------------------------------- inner gradient clipping
+CLIP = 5.0  # about the median per-token gradient norm of make()'s data: some tokens are clipped, some not
+
+
+def test_reference_clip_matches_numpy_loop():
+    args = make(edge_gates=True)
+    kw = dict(chunk_size=4, retrieve_after_update=False)
+    got = jax.jit(lambda *a: reference.chunked_memory_reference(*a, grad_clip=CLIP, **kw))(*args)
+    clipped = []
+    want = numpy_linear_loop(*args[:6], args[6][0], args[7][0], 4, False, clip=CLIP, clipped=clipped)
+    assert 0.2 < np.mean(clipped) < 0.8, np.mean(clipped)  # the test exercises both branches
+    assert_close((got[0], got[1][0], got[2][0]), want, what="clipped reference vs numpy")
+    assert np.max(np.abs(np.asarray(got[0]) - np.asarray(ref(args, 4, False)[0]))) > 1e-3  # clipping acts
+
+
+@pytest.mark.parametrize("depth,b,after", [(1, 1, False), (1, 8, True), (2, 1, True), (2, 8, False)])
+def test_clipped_chunked_equals_reference(depth, b, after):
+    args = make(depth, edge_gates=True)
+    kw = dict(chunk_size=b, retrieve_after_update=after, grad_clip=CLIP)
+    want = jax.jit(lambda *a: reference.chunked_memory_reference(*a, **kw))(*args)
+    for path in (["linear"] if depth == 1 else []) + ["factored", "per_token"]:
+        assert_close(run_xla(args, b, after, path=path, grad_clip=CLIP), want, what=f"clipped {path}")
+    assert np.max(np.abs(np.asarray(want[0] - ref(args, b, after)[0]))) > 1e-3
+
+
+@pytest.mark.parametrize("impl,depth", [("xla", 1), ("xla", 2), ("triton", 1), ("mosaic", 1), ("triton_deep", 2),
+                                        ("mosaic_deep", 2)])
+def test_clipped_gradients_match_reference(impl, depth):
+    """Outer gradients through the clipped inner updates (the linear kernels' hand-written backward included)
+    against jax.grad of the token loop."""
+    args = make(depth, T=16, edge_gates=True)
+    kw = dict(chunk_size=8, retrieve_after_update=False, grad_clip=CLIP)
+    fn = (lambda *a: xla.chunked_memory_xla(*a, **kw)) if impl == "xla" else (lambda *a: KERNELS[impl](*a, **kw))
+    want_fn = lambda *a: reference.chunked_memory_reference(*a, **kw)
+    assert_close(jax.jit(fn)(*args), jax.jit(want_fn)(*args), what=f"clipped {impl} forward")
+    g_ref = jax.jit(jax.grad(outer_loss(want_fn), ALL_ARGS))(*args)
+    assert_close(jax.jit(jax.grad(outer_loss(fn), ALL_ARGS))(*args), g_ref, what=f"clipped {impl} backward")
 
 
 # ----------------------------------------------------------------------------------------------- api
@@ -332,6 +377,8 @@ def test_api_dispatch_and_fallback(caplog, monkeypatch):
     (dict(activation="relu"), "activation"),
     (dict(theta_shape=(B, T - 1)), "theta"),
     (dict(param_shape=(B, D + 1, D)), r"init_params\[0\]"),
+    (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(grad_clip=float("nan")), "grad_clip"),
 ])
 def test_user_errors(change, match):
     q, k, v, th, et, al, params, mom = make(1)

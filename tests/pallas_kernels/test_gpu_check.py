@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_gpu_check_smoke_runs_and_kernels_agree(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--smoke",
-                           "--only", "env,landmark_correct,pkm_correct,chunked_deep,coefficients_time",
+                           "--only", "env,chunked_correct,landmark_correct,pkm_correct,chunked_deep,coefficients_time",
                            "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -25,6 +25,10 @@ def test_gpu_check_smoke_runs_and_kernels_agree(tmp_path):
         for shape, by_impl in res[section].items():
             for impl, r in by_impl.items():  # interpreted kernel and XLA vs the float32 reference, on CPU
                 assert r["finite"] and r["out"] < 1e-5 and r["grads"] < 1e-5, (section, shape, impl, r)
+    lin = res["chunked_correct"]  # the linear Triton kernel (interpreted, with inner gradient clipping) and XLA
+    assert "error" not in lin and all(k.endswith("_clip8") for k in lin), lin
+    assert all(r["finite"] and max(r["y"], r["W_final"], r["S_final"], r["grads"]) < 1e-5
+               for row in lin.values() for r in row.values()), lin
     deep = res["chunked_deep"]  # the deep-memory Triton kernel (interpreted) and XLA vs the token loop
     assert "error" not in deep and all("error" not in row for row in deep.values()), deep
     correct = [row for key, row in deep.items() if key.startswith("correct_")]
