@@ -277,6 +277,42 @@ def section_chunked_time() -> dict:
     return out
 
 
+def section_chunked_model_shapes() -> dict:
+    """The linear Triton kernel at the shapes the model_compare rows run (one call = one layer and segment):
+    MAG d512 (16 x 4 memory heads of d_h 128, 512 tokens, chunks of 16 and 64: a 128 x 128 float32 state pair
+    per program, which may spill registers at 4 warps) and the 170M paper setting at GPT-2-small width (16 x 12
+    heads of 64, chunk 64). XLA against Triton at 4 and 8 warps, forward and forward + backward w.r.t. q, k, v."""
+    from pallas_kernels.chunked_memory.triton import chunked_memory_triton
+    from pallas_kernels.chunked_memory.xla import chunked_memory_xla
+
+    out = {}
+    shapes = [(2, 64, 16, 16)] if SMOKE else [(64, 512, 128, 16), (64, 512, 128, 64), (192, 512, 64, 64)]
+    for B, T, d, b in shapes:
+        key = f"B{B}_T{T}_d{d}_chunk{b}"
+        try:
+            args = _chunked_inputs(B, T, d, 0)
+            fns = {"xla": chunked_memory_xla}
+            for warps in (4, 8):
+                fns[f"triton_w{warps}"] = functools.partial(chunked_memory_triton, interpret=INTERPRET,
+                                                            num_warps=warps)
+            row = {}
+            for name, f in fns.items():
+                fwd = jax.jit(lambda *a, f=f, b=b: f(*a, chunk_size=b)[0])
+
+                def fb(*a, f=f, b=b):
+                    return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, *a[3:], chunk_size=b)[0]), (0, 1, 2))(*a[:3])
+
+                row[f"{name}_fwd_ms"] = median_ms(fwd, args, 10)
+                row[f"{name}_fwd_bwd_ms"] = median_ms(jax.jit(fb), args, 10)
+            for warps in (4, 8):
+                for ph in ("fwd", "fwd_bwd"):
+                    row[f"xla_over_triton_w{warps}_{ph}"] = row[f"xla_{ph}_ms"] / row[f"triton_w{warps}_{ph}_ms"]
+            out[key] = row
+        except Exception as e:  # one shape failing to compile must not lose the others
+            out[key] = dict(error=f"{type(e).__name__}: {e}"[:400])
+    return out
+
+
 def section_coefficients_time() -> dict:
     """The chunk coefficients (xla.chunk_coefficients) forward + backward, all three forms: on CPU the
     sequential scan over the chunk's positions is 1.4-3.2x faster than the associative scans and the doubling
@@ -588,6 +624,7 @@ SECTIONS = {
     "landmark_correct": section_landmark_correct,
     "pkm_correct": section_pkm_correct,
     "chunked_time": section_chunked_time,
+    "chunked_model_shapes": section_chunked_model_shapes,
     "chunked_deep": section_chunked_deep,
     "coefficients_time": section_coefficients_time,
     "landmark_time": section_landmark_time,

@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_gpu_check_smoke_runs_and_kernels_agree(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--smoke",
-                           "--only", "env,chunked_correct,landmark_correct,pkm_correct,chunked_deep,coefficients_time",
+                           "--only", "env,chunked_correct,chunked_model_shapes,landmark_correct,pkm_correct,"
+                           "chunked_deep,coefficients_time",
                            "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -29,6 +30,8 @@ def test_gpu_check_smoke_runs_and_kernels_agree(tmp_path):
     assert "error" not in lin and all(k.endswith("_clip8") for k in lin), lin
     assert all(r["finite"] and max(r["y"], r["W_final"], r["S_final"], r["grads"]) < 1e-5
                for row in lin.values() for r in row.values()), lin
+    shapes = res["chunked_model_shapes"]
+    assert shapes and all("error" not in row and row["triton_w8_fwd_bwd_ms"] > 0 for row in shapes.values()), shapes
     deep = res["chunked_deep"]  # the deep-memory Triton kernel (interpreted) and XLA vs the token loop
     assert "error" not in deep and all("error" not in row for row in deep.values()), deep
     correct = [row for key, row in deep.items() if key.startswith("correct_")]
