@@ -281,7 +281,9 @@ def section_chunked_model_shapes() -> dict:
     """The linear Triton kernel at the shapes the model_compare rows run (one call = one layer and segment):
     MAG d512 (16 x 4 memory heads of d_h 128, 512 tokens, chunks of 16 and 64: a 128 x 128 float32 state pair
     per program, which may spill registers at 4 warps) and the 170M paper setting at GPT-2-small width (16 x 12
-    heads of 64, chunk 64). XLA against Triton at 4 and 8 warps, forward and forward + backward w.r.t. q, k, v."""
+    heads of 64, chunk 64). XLA against Triton at 4 and 8 warps and split over 1, 2 or 4 blocks of value
+    columns per sequence (v_blocks: less state per program, more programs), forward and forward + backward
+    w.r.t. q, k, v."""
     from pallas_kernels.chunked_memory.triton import chunked_memory_triton
     from pallas_kernels.chunked_memory.xla import chunked_memory_xla
 
@@ -292,10 +294,11 @@ def section_chunked_model_shapes() -> dict:
         try:
             args = _chunked_inputs(B, T, d, 0)
             fns = {"xla": chunked_memory_xla}
-            for warps in (4, 8):
-                fns[f"triton_w{warps}"] = functools.partial(chunked_memory_triton, interpret=INTERPRET,
-                                                            num_warps=warps)
-            row = {}
+            variants = [(w, vb) for w, vb in ((4, 1), (8, 1), (4, 2), (8, 2), (4, 4)) if SMOKE or d // vb >= 16]
+            for warps, vb in variants:
+                fns[f"triton_w{warps}_v{vb}"] = functools.partial(chunked_memory_triton, interpret=INTERPRET,
+                                                                  num_warps=warps, v_blocks=vb)
+            row, outs = {}, {}
             for name, f in fns.items():
                 fwd = jax.jit(lambda *a, f=f, b=b: f(*a, chunk_size=b)[0])
 
@@ -304,9 +307,14 @@ def section_chunked_model_shapes() -> dict:
 
                 row[f"{name}_fwd_ms"] = median_ms(fwd, args, 10)
                 row[f"{name}_fwd_bwd_ms"] = median_ms(jax.jit(fb), args, 10)
-            for warps in (4, 8):
+                outs[name] = (fwd(*args), jax.jit(fb)(*args))
+            for name in fns:  # the compiled kernels agree with XLA (both at the default TF32 matmul precision)
+                row[f"{name}_rel_diff_vs_xla"] = max(rel(outs[name][0], outs["xla"][0]),
+                                                     max(rel(a, r) for a, r in zip(outs[name][1], outs["xla"][1])))
+            for warps, vb in variants:
                 for ph in ("fwd", "fwd_bwd"):
-                    row[f"xla_over_triton_w{warps}_{ph}"] = row[f"xla_{ph}_ms"] / row[f"triton_w{warps}_{ph}_ms"]
+                    t = f"triton_w{warps}_v{vb}"
+                    row[f"xla_over_{t}_{ph}"] = row[f"xla_{ph}_ms"] / row[f"{t}_{ph}_ms"]
             out[key] = row
         except Exception as e:  # one shape failing to compile must not lose the others
             out[key] = dict(error=f"{type(e).__name__}: {e}"[:400])

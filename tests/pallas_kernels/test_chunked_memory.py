@@ -255,6 +255,35 @@ def test_pallas_interpret_forward_and_backward(impl, depth, after):
     assert_close(g_ker, g_ref, what=f"{impl} backward")
 
 
+@pytest.mark.parametrize("v_blocks,after", [(2, False), (4, True)])
+def test_triton_value_column_blocks(v_blocks, after):
+    """The linear Triton kernel split over value columns (grid (batch, v_blocks), partial sums for q, k and the
+    coefficients' cotangents) equals the token loop, forward and backward, with uneven d_k != d_v."""
+    r = np.random.default_rng(7)
+    q, k, _, th, et, al, _, _ = make(1, T=16, edge_gates=True)
+    dv = 2 * D
+    v = jnp.asarray(r.normal(size=(B, 16, dv)), jnp.float32)
+    W0 = jnp.asarray(r.normal(size=(B, D, dv)) / np.sqrt(D), jnp.float32)
+    S0 = jnp.asarray(0.1 * r.normal(size=(B, D, dv)), jnp.float32)
+    args = (q, k, v, th, et, al, (W0,), (S0,))
+    kw = dict(chunk_size=8, retrieve_after_update=after)
+    fn = lambda *a: triton.chunked_memory_triton(*a, interpret=True, v_blocks=v_blocks, **kw)
+    want_fn = lambda *a: reference.chunked_memory_reference(*a, **kw)
+    assert_close(jax.jit(fn)(*args), jax.jit(want_fn)(*args), what="v-blocked forward")
+    g_ref = jax.jit(jax.grad(outer_loss(want_fn), ALL_ARGS))(*args)
+    assert_close(jax.jit(jax.grad(outer_loss(fn), ALL_ARGS))(*args), g_ref, what="v-blocked backward")
+
+
+def test_triton_value_column_blocks_limits():
+    sd = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
+    with pytest.raises(NotImplementedError, match="does not divide"):
+        triton.check_supported(sd.shape, sd.shape, 1, 8, True, v_blocks=3)
+    with pytest.raises(NotImplementedError, match="clipping needs v_blocks=1"):
+        triton.check_supported(sd.shape, sd.shape, 1, 8, True, v_blocks=2, grad_clip=1.0)
+    with pytest.raises(NotImplementedError, match=">= 16"):
+        triton.check_supported((B, 64, 32), (B, 64, 32), 1, 16, False, v_blocks=4)  # 8 columns per block
+
+
 @pytest.mark.parametrize("impl", ["triton_deep", "mosaic_deep"])
 def test_deep_kernels_interpret_three_layers_gelu_uneven_widths(impl):
     """Depth 3, GELU, hidden width != d (weights [d, 2d], [2d, 2d], [2d, d]): the kernel's per-layer residual
@@ -340,6 +369,16 @@ def test_clipped_gradients_match_reference(impl, depth):
     assert_close(jax.jit(fn)(*args), jax.jit(want_fn)(*args), what=f"clipped {impl} forward")
     g_ref = jax.jit(jax.grad(outer_loss(want_fn), ALL_ARGS))(*args)
     assert_close(jax.jit(jax.grad(outer_loss(fn), ALL_ARGS))(*args), g_ref, what=f"clipped {impl} backward")
+
+
+def test_triton_value_column_blocks_lower_for_cuda():
+    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    Bl, Tl, d = 2, 64, 32
+    args = (sd(Bl, Tl, d), sd(Bl, Tl, d), sd(Bl, Tl, d), sd(Bl, Tl), sd(Bl, Tl), sd(Bl, Tl), (sd(Bl, d, d),),
+            (sd(Bl, d, d),))
+    f = lambda *a: triton.chunked_memory_triton(*a, chunk_size=16, v_blocks=2)
+    both = jax.jit(jax.grad(outer_loss(f), ALL_ARGS)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert both.count("__gpu$xla.gpu.triton") == 2
 
 
 # ----------------------------------------------------------------------------------------------- api

@@ -31,7 +31,8 @@ def test_gpu_check_smoke_runs_and_kernels_agree(tmp_path):
     assert all(r["finite"] and max(r["y"], r["W_final"], r["S_final"], r["grads"]) < 1e-5
                for row in lin.values() for r in row.values()), lin
     shapes = res["chunked_model_shapes"]
-    assert shapes and all("error" not in row and row["triton_w8_fwd_bwd_ms"] > 0 for row in shapes.values()), shapes
+    assert shapes and all("error" not in row and row["triton_w4_v4_fwd_bwd_ms"] > 0
+               and row["triton_w4_v4_rel_diff_vs_xla"] < 1e-5 for row in shapes.values()), shapes
     deep = res["chunked_deep"]  # the deep-memory Triton kernel (interpreted) and XLA vs the token loop
     assert "error" not in deep and all("error" not in row for row in deep.values()), deep
     correct = [row for key, row in deep.items() if key.startswith("correct_")]
