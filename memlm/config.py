@@ -127,6 +127,10 @@ class TitansConfig(_Strict):
         0.0, ge=0, description="if > 0, each token's inner gradient grad loss(M; x_t) (all memory layers together) "
         "is rescaled to Frobenius norm <= this before the momentum update (NOT in the paper, which bounds only "
         "theta; 0 = the paper's rule): keeps large inner steps and deep memories from diverging")
+    scan_unroll: int = Field(
+        1, ge=1, description="chunks per iteration of the XLA chunk loop (lax.scan unroll; the Pallas kernels "
+        "ignore it): a GPU runs every XLA loop iteration with a host round trip, so unrolling trades compile time "
+        "for fewer of them; no measured effect on CPU")
     memory_layers: list[int] | None = Field(None, description="layers with memory (None = all)")
     implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
         "auto", description="chunked-memory kernel (auto: Pallas on GPU/TPU where supported, else XLA; deep "

@@ -445,6 +445,9 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  ("titans_mag_linear_c64", TINY + "titans_mag.yaml",
                   "model.titans.memory_depth=1;model.titans.chunk_size=64"),
                  ("titans_mag_triton", TINY + "titans_mag.yaml", "model.titans.implementation=triton"),
+                 # the XLA chunk loop 8 chunks per iteration: 4 loop iterations per segment instead of 32, each
+                 # a host round trip on a GPU (session 8)
+                 ("titans_mag_unroll8", TINY + "titans_mag.yaml", "model.titans.scan_unroll=8"),
                  ("baseline_full_attention", TINY + "baseline.yaml", "")]
     if width == "gpt2s":  # MAG with configs/paper/titans_170m.yaml's memory settings at the width of that model
         paper_mag = (f"model.titans.memory_heads={4 if SMOKE else 12};model.titans.chunk_size=64;"
@@ -453,6 +456,7 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  ("titans_mag_paper_linear", TINY + "titans_mag.yaml", paper_mag + ";model.titans.memory_depth=1"),
                  ("titans_mag_paper_triton", TINY + "titans_mag.yaml",
                   paper_mag + ";model.titans.implementation=triton"),
+                 ("titans_mag_paper_unroll8", TINY + "titans_mag.yaml", paper_mag + ";model.titans.scan_unroll=8"),
                  ("baseline_full_attention", TINY + "baseline.yaml", "")]
     # with the per-layer remat of the paper configs, with and without the per-segment checkpoint
     # (model.segment_remat=false: one forward fewer per step); ratios against the baseline with the same remat

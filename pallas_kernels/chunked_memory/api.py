@@ -32,8 +32,11 @@ IMPLEMENTATIONS = (None, "xla", "triton", "mosaic", "reference")
 _WHERE = "chunked_memory"
 
 
-def _validate(q, k, v, theta, eta, alpha, params, momentum, chunk_size, activation, implementation, grad_clip):
+def _validate(q, k, v, theta, eta, alpha, params, momentum, chunk_size, activation, implementation, grad_clip,
+              unroll):
     """UserError (one line, naming the argument) for anything the implementations would mis-handle."""
+    if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
+        raise UserError(f"{_WHERE}.unroll: {unroll!r} must be an integer >= 1")
     if not isinstance(grad_clip, (int, float)) or not grad_clip >= 0:  # also rejects NaN
         raise UserError(f"{_WHERE}.grad_clip: {grad_clip!r} must be a number >= 0 (0 = no clipping)")
     if implementation not in IMPLEMENTATIONS:
@@ -93,6 +96,7 @@ def chunked_memory(
     implementation: str | None = None,
     interpret: bool = False,
     grad_clip: float = 0.0,
+    unroll: int = 1,
 ) -> tuple[jax.Array, Params, Params]:
     """Titans memory update + retrieval over whole sequences.
 
@@ -109,6 +113,7 @@ def chunked_memory(
       interpret: run the Pallas kernel in interpret mode (CPU tests).
       grad_clip: if > 0, each token's inner gradient (all memory layers together) is rescaled to Frobenius
         norm <= grad_clip before the momentum update (not in the paper: a stability option); 0 = none.
+      unroll: chunks per iteration of the XLA chunk loop (xla path only; the Pallas kernels loop inside).
 
     Returns:
       y [batch, T, d_v]; final params and final momentum (tuples like init_params). Passing them as
@@ -117,7 +122,8 @@ def chunked_memory(
     """
     params = tuple(init_params)
     momentum = None if momentum0 is None else tuple(momentum0)
-    _validate(q, k, v, theta, eta, alpha, params, momentum, chunk_size, activation, implementation, grad_clip)
+    _validate(q, k, v, theta, eta, alpha, params, momentum, chunk_size, activation, implementation, grad_clip,
+              unroll)
     if momentum is None:
         momentum = tuple(jnp.zeros_like(p) for p in params)
     kw = dict(chunk_size=chunk_size, retrieve_after_update=retrieve_after_update, activation=activation,
@@ -147,5 +153,5 @@ def chunked_memory(
         else:
             y, M, S = fn(q, k, v, theta, eta, alpha, params, momentum, interpret=interpret, **kw)
             return y.astype(q.dtype), M, S
-    y, M, S = xla.chunked_memory_xla(q, k, v, theta, eta, alpha, params, momentum, **kw)
+    y, M, S = xla.chunked_memory_xla(q, k, v, theta, eta, alpha, params, momentum, unroll=unroll, **kw)
     return y.astype(q.dtype), M, S

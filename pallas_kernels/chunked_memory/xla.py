@@ -311,11 +311,12 @@ def linear_chunk_backward(W, S, q, k, v, G, H, C, CW, CS, g, h, e, dy, dW1, dS1,
 
 
 def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, remat: bool = True,
-                clip: float = 0.0):
+                clip: float = 0.0, unroll: int = 1):
     """Linear memory over whole sequences from precomputed coefficients (the layout the kernels take).
 
     q, k [B, T, d_k]; v [B, T, d_v]; G, H, CW, CS [B, T, 1]; C [B, T, b]; g, h, e [B, T/b, 1, 1];
-    W0, S0 [B, d_k, d_v]; clip: per-token gradient-norm bound (0: none). Returns y [B, T, d_v], W_T, S_T.
+    W0, S0 [B, d_k, d_v]; clip: per-token gradient-norm bound (0: none); unroll: chunks per loop iteration.
+    Returns y [B, T, d_v], W_T, S_T.
     """
     b = chunk_size
 
@@ -330,7 +331,7 @@ def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, r
 
         body = jax.checkpoint(body) if remat else body
         xs = tuple(map(split, (q, k, v, G, H, C, CW, CS))) + (g, h, e)
-        (W, S), y = lax.scan(body, (W0, S0), xs)
+        (W, S), y = lax.scan(body, (W0, S0), xs, unroll=min(unroll, nc))
         return y.reshape((nc * b,) + y.shape[2:]), W, S
 
     return jax.vmap(one)(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0)
@@ -376,7 +377,7 @@ def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation, clip:
     return x, tuple(M1), tuple(S1)
 
 
-def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True, clip: float = 0.0):
+def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True, clip: float = 0.0, unroll: int = 1):
     """Any depth via _factored_chunk. q, k [B, T, d_k]; v [B, T, d_v]; c = coefficients_batched(...);
     M0, S0: tuples of [B, d_in, d_out]. Returns y [B, T, d_v], final M, final S (tuples)."""
     b = chunk_size
@@ -394,7 +395,7 @@ def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True, cli
         body = jax.checkpoint(body) if remat else body
         per_tok = {n: split(c[n]) for n in ("G", "H", "C", "CW", "CS")}
         xs = (split(q), split(k), split(v), per_tok | {n: c[n] for n in ("g", "h", "e")})
-        (M, S), y = lax.scan(body, (M0, S0), xs)
+        (M, S), y = lax.scan(body, (M0, S0), xs, unroll=min(unroll, nc))
         return y.reshape((nc * b,) + y.shape[2:]), M, S
 
     return jax.vmap(one)(q, k, v, c, M0, S0)
@@ -453,6 +454,7 @@ def chunked_memory_xla(
     path: str = "auto",
     coefficient_scan: str | None = None,
     grad_clip: float = 0.0,
+    unroll: int = 1,
 ) -> tuple[jax.Array, Params, Params]:
     """Chunked parallel form. q, k [B, T, d_k]; v [B, T, d_v]; gates [B, T]; params and momentum0 tuples
     of [B, d_in, d_out]. Returns y [B, T, d_v], final params, final momentum (at least float32).
@@ -463,6 +465,8 @@ def chunked_memory_xla(
     coefficient_scan: chunk_coefficients' scan ('associative' | 'sequential' | 'doubling' | None = by backend).
     grad_clip: if > 0, every token's inner gradient (all memory layers together) is rescaled to Frobenius norm
     <= grad_clip before the momentum update (reference.py's rule); 0 (default, the paper): no clipping.
+    unroll: chunks per iteration of the chunk loop ('linear' and 'factored'; lax.scan's unroll). A GPU runs each
+    iteration of an XLA loop with a host round trip, so unrolling trades compile time for fewer of them.
     """
     dt = jnp.promote_types(q.dtype, jnp.float32)
     cast = lambda x: x.astype(dt)
@@ -480,10 +484,11 @@ def chunked_memory_xla(
         if len(params) != 1:
             raise ValueError(f"path='linear' needs depth 1, got {len(params)}")
         y, W, S = linear_core(q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"],
-                              params[0], momentum[0], chunk_size=chunk_size, remat=remat, clip=grad_clip)
+                              params[0], momentum[0], chunk_size=chunk_size, remat=remat, clip=grad_clip,
+                              unroll=unroll)
         return y, (W,), (S,)
     if path != "factored":
         raise ValueError(f"unknown path {path!r}")
     y, M, S = factored_core(q, k, v, c, params, momentum, chunk_size=chunk_size, activation=activation,
-                            remat=remat, clip=grad_clip)
+                            remat=remat, clip=grad_clip, unroll=unroll)
     return y, tuple(M), tuple(S)

@@ -281,6 +281,18 @@ def test_outer_gradients_reach_the_memory_and_match_finite_differences():
         assert abs(rich - norm) <= 2e-3 * norm + 1e-4, (name, rich, norm)
 
 
+def test_scan_unroll_reaches_the_chunk_loop():
+    """titans.scan_unroll=2 (= the chunks of a segment here) removes the chunk loop from the lowered step."""
+    counts = {}
+    for u in (1, 2):
+        cfg, m = make("titans", seg_len=SEG, n_seg=NSEG, titans={**BASE, "variant": "mag", "scan_unroll": u})
+        gd, params = nnx.split(m)
+        batch = make_batch(cfg, seed=1)
+        loss = jax.jit(lambda p, b, gd=gd: nnx.merge(gd, p).loss(nnx.merge(gd, p).init_carry(2), b)[0])
+        counts[u] = loss.lower(params, batch).as_text().count("stablehlo.while")
+    assert counts[2] < counts[1], counts
+
+
 # ------------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("override,key", [
     ("model.titans.chunk_size=7", "model.titans.chunk_size"),

@@ -162,6 +162,22 @@ def test_outer_gradients_match_reference(depth, b, after):
         assert float(jnp.max(jnp.abs(g))) > 1e-3
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_unrolled_chunk_loop_is_the_same_function(depth):
+    """unroll=k runs k chunks per iteration of the chunk loop: same values and gradients; unroll = #chunks leaves
+    no loop at all (with the associative coefficients, which have none either)."""
+    args = make(depth, T=32, edge_gates=True)  # 4 chunks of 8
+    kw = dict(chunk_size=8, retrieve_after_update=False, coefficient_scan="associative")
+    fn = lambda u: (lambda *a: xla.chunked_memory_xla(*a, unroll=u, **kw))
+    want = jax.jit(fn(1))(*args)
+    g_want = jax.jit(jax.grad(outer_loss(fn(1)), ALL_ARGS))(*args)
+    for u in (2, 4, 7):  # 7 > 4 chunks: capped
+        assert_close(jax.jit(fn(u))(*args), want, what=f"unroll {u}")
+        assert_close(jax.jit(jax.grad(outer_loss(fn(u)), ALL_ARGS))(*args), g_want, what=f"unroll {u} grad")
+    whiles = lambda u: jax.jit(fn(u)).lower(*args).as_text().count("stablehlo.while")
+    assert whiles(1) >= 1 and whiles(2) >= 1 and whiles(4) == 0, (whiles(1), whiles(2), whiles(4))
+
+
 @pytest.mark.parametrize("after,b", [(False, 8), (True, 8), (False, 5)])
 def test_coefficient_scans_agree(after, b):
     """All ways of computing the chunk coefficients (CPU default 'sequential'; 'associative', the GPU/TPU
@@ -417,6 +433,7 @@ def test_api_dispatch_and_fallback(caplog, monkeypatch):
     (dict(theta_shape=(B, T - 1)), "theta"),
     (dict(param_shape=(B, D + 1, D)), r"init_params\[0\]"),
     (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(unroll=0), "unroll"),
     (dict(grad_clip=float("nan")), "grad_clip"),
 ])
 def test_user_errors(change, match):
