@@ -22,6 +22,7 @@ pytestmark = pytest.mark.kernels
 B, T, D = 2, 32, 8
 F32_TOL = 5e-6   # max |diff| relative to max(1, max |ref|): ~40 float32 eps; observed <= 6e-7
 F64_TOL = 1e-12
+CLIP = 5.0  # about the median per-token gradient norm of make()'s data: some tokens are clipped, some not
 
 
 def make(depth=1, T=T, d=D, batch=B, seed=0, edge_gates=False, dtype=jnp.float32):
@@ -318,13 +319,15 @@ def test_deep_kernels_interpret_three_layers_gelu_uneven_widths(impl):
     assert_close(jax.jit(jax.grad(outer_loss(fn), ALL_ARGS))(*args), g_ref, what="deep backward")
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_mosaic_tpu_simulator_forward(depth):
+@pytest.mark.parametrize("depth,clip", [(1, 0.0), (2, 0.0), (1, CLIP), (2, CLIP)])
+def test_mosaic_tpu_simulator_forward(depth, clip):
     from jax.experimental.pallas import tpu as pltpu
     args = make(depth, T=16, batch=1)
     fn = tpu.chunked_memory_mosaic if depth == 1 else tpu_deep.chunked_memory_mosaic_deep
-    got = jax.jit(lambda *a: fn(*a, chunk_size=8, interpret=pltpu.InterpretParams()))(*args)
-    assert_close(got, ref(args, 8, False), what="mosaic InterpretParams")
+    kw = dict(chunk_size=8, grad_clip=clip)
+    got = jax.jit(lambda *a: fn(*a, interpret=pltpu.InterpretParams(), **kw))(*args)
+    want = jax.jit(lambda *a: reference.chunked_memory_reference(*a, **kw))(*args)
+    assert_close(got, want, what="mosaic InterpretParams")
 
 
 @pytest.mark.parametrize("impl,platform,call", [("triton", "cuda", "__gpu$xla.gpu.triton"),
@@ -349,7 +352,6 @@ def test_kernels_lower_for_accelerators(impl, platform, call, clip):
 
 
 # ----------------------------------------------------------------------------- inner gradient clipping
-CLIP = 5.0  # about the median per-token gradient norm of make()'s data: some tokens are clipped, some not
 
 
 def test_reference_clip_matches_numpy_loop():
