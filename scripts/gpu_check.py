@@ -250,6 +250,13 @@ def section_pkm_correct() -> dict:
     return out
 
 
+def _fwd_and_grad(f, b: int):
+    """Jitted y of a chunked-memory function f (chunk size b) and jitted grads of sum(y) w.r.t. q, k, v."""
+    fwd = jax.jit(lambda *a: f(*a, chunk_size=b)[0])
+    fb = jax.jit(lambda *a: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, *a[3:], chunk_size=b)[0]), (0, 1, 2))(*a[:3]))
+    return fwd, fb
+
+
 def section_chunked_time() -> dict:
     from pallas_kernels.chunked_memory.reference import chunked_memory_reference
     from pallas_kernels.chunked_memory.triton import chunked_memory_triton
@@ -262,13 +269,9 @@ def section_chunked_time() -> dict:
                "triton": functools.partial(chunked_memory_triton, interpret=INTERPRET)}
         row = {}
         for name, f in fns.items():
-            fwd = jax.jit(lambda *a, f=f, b=b: f(*a, chunk_size=b)[0])
-
-            def fb(*a, f=f, b=b):
-                return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, *a[3:], chunk_size=b)[0]), (0, 1, 2))(*a[:3])
-
+            fwd, fb = _fwd_and_grad(f, b)
             row[f"{name}_fwd_ms"] = median_ms(fwd, args, 10)
-            row[f"{name}_fwd_bwd_ms"] = median_ms(jax.jit(fb), args, 10)
+            row[f"{name}_fwd_bwd_ms"] = median_ms(fb, args, 10)
         for ph in ("fwd", "fwd_bwd"):
             row[f"sequential_over_triton_{ph}"] = row[f"sequential_{ph}_ms"] / row[f"triton_{ph}_ms"]
             row[f"sequential_over_xla_{ph}"] = row[f"sequential_{ph}_ms"] / row[f"xla_chunked_{ph}_ms"]
@@ -300,14 +303,10 @@ def section_chunked_model_shapes() -> dict:
                                                                   num_warps=warps, v_blocks=vb)
             row, outs = {}, {}
             for name, f in fns.items():
-                fwd = jax.jit(lambda *a, f=f, b=b: f(*a, chunk_size=b)[0])
-
-                def fb(*a, f=f, b=b):
-                    return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, *a[3:], chunk_size=b)[0]), (0, 1, 2))(*a[:3])
-
+                fwd, fb = _fwd_and_grad(f, b)
                 row[f"{name}_fwd_ms"] = median_ms(fwd, args, 10)
-                row[f"{name}_fwd_bwd_ms"] = median_ms(jax.jit(fb), args, 10)
-                outs[name] = (fwd(*args), jax.jit(fb)(*args))
+                row[f"{name}_fwd_bwd_ms"] = median_ms(fb, args, 10)
+                outs[name] = (fwd(*args), fb(*args))
             for name in fns:  # the compiled kernels agree with XLA (both at the default TF32 matmul precision)
                 row[f"{name}_rel_diff_vs_xla"] = max(rel(outs[name][0], outs["xla"][0]),
                                                      max(rel(a, r) for a, r in zip(outs[name][1], outs["xla"][1])))
