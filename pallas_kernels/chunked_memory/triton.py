@@ -136,6 +136,11 @@ def _cols(shape, v_blocks: int):
     return pl.BlockSpec((None, shape[1], shape[2] // v_blocks), lambda i, j: (i, 0, j))
 
 
+def _input_specs(coef_args, v_blocks: int) -> list:
+    """Specs of (q, k, v, G, H, C, CW, CS, g, h, e): whole sequences, v by column block."""
+    return [_cols(x.shape, v_blocks) if i == 2 else _spec(x.shape) for i, x in enumerate(coef_args)]
+
+
 def _partial(shape):
     """[v_blocks, B, ...] partial sums -> the block of (i, j), both leading dims squeezed."""
     return pl.BlockSpec((None, None) + tuple(shape[2:]), lambda i, j: (j, i) + (0,) * (len(shape) - 2))
@@ -161,8 +166,7 @@ def _forward(args, *, b, interpret, num_warps, save, clip, v_blocks):
         functools.partial(_fwd_kernel, b=b, nc=nc, d=d, clip=clip),
         out_shape=out_shape,
         grid=(B, v_blocks),
-        in_specs=[_spec(x.shape) for x in ins[:2]] + [cols(v)] + [_spec(x.shape) for x in ins[3:11]]
-        + [cols(W0), cols(S0)],
+        in_specs=_input_specs(ins[:11], v_blocks) + [cols(W0), cols(S0)],
         out_specs=[cols(s) for s in out_shape],
         compiler_params=_params(num_warps),
         interpret=interpret,
@@ -187,8 +191,7 @@ def _backward(args, Ws, Ss, dy, dWf, dSf, *, b, interpret, num_warps, clip, v_bl
         functools.partial(_bwd_kernel, b=b, nc=nc, d=d, clip=clip),
         out_shape=out_shape,
         grid=(B, v_blocks),
-        in_specs=[_spec(x.shape) for x in ins[:2]] + [cols(v)] + [_spec(x.shape) for x in ins[3:11]]
-        + [cols(x) for x in ins[11:]],
+        in_specs=_input_specs(ins[:11], v_blocks) + [cols(x) for x in ins[11:]],
         out_specs=[_partial(s.shape) for s in out_shape[:2]] + [cols(v)]
         + [_partial(s.shape) for s in out_shape[3:11]] + [cols(W0), cols(S0)],
         compiler_params=_params(num_warps),
