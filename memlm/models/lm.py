@@ -25,10 +25,15 @@ from memlm.models.decoder import Decoder
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed cross-entropy over masked positions and the number of positions. logits float32 [..., V]."""
+    """Summed cross-entropy over masked positions and the number of positions. logits float32 [..., V].
+
+    Masked-out positions are dropped with `where`, not multiplied by 0: padding rows (the end of an eval pass)
+    may hold non-finite logits (a Titans memory fed hundreds of identical pad tokens can diverge), and
+    NaN * 0 would poison the sum.
+    """
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     mask = mask.astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
+    return jnp.sum(jnp.where(mask != 0, ce * mask, 0.0)), jnp.sum(mask)
 
 
 class BaselineLM(nnx.Module):

@@ -49,7 +49,7 @@ def _edit_tensors(d, fn):
     st.write(str(d / "model.safetensors"), t, meta)
 
 
-def _import_fails(src, tmp_path, *needles, overrides=()):
+def _assert_import_fails(src, tmp_path, *needles, overrides=()):
     """The import raises a UserError with every needle; an existing --force target and the parent dir are
     left exactly as they were."""
     target = tmp_path / "target"
@@ -74,7 +74,7 @@ def test_clean_dir_imports(hf_dir, tmp_path):
 def test_unsupported_architecture(hf_dir, tmp_path):
     d = _copy(hf_dir, tmp_path)
     _edit_config(d, model_type="bert", architectures=["BertForMaskedLM"])
-    _import_fails(d, tmp_path, "config.json", "model_type 'bert'", "BertForMaskedLM")
+    _assert_import_fails(d, tmp_path, "config.json", "model_type 'bert'", "BertForMaskedLM")
 
 
 @pytest.mark.parametrize("key, value, needle", [
@@ -86,19 +86,19 @@ def test_unsupported_architecture(hf_dir, tmp_path):
 def test_unsupported_config_values(hf_dir, tmp_path, key, value, needle):
     d = _copy(hf_dir, tmp_path)
     _edit_config(d, **{key: value})
-    _import_fails(d, tmp_path, needle)
+    _assert_import_fails(d, tmp_path, needle)
 
 
 def test_missing_tensor(hf_dir, tmp_path):
     d = _copy(hf_dir, tmp_path)
     _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    _import_fails(d, tmp_path, "missing tensor model.layers.1.mlp.up_proj.weight")
+    _assert_import_fails(d, tmp_path, "missing tensor model.layers.1.mlp.up_proj.weight")
 
 
 def test_mismatched_shape(hf_dir, tmp_path):
     d = _copy(hf_dir, tmp_path)
     _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": np.zeros((16, 32), np.float32)}))
-    _import_fails(d, tmp_path, "model.layers.0.self_attn.q_proj.weight", "[16, 32]", "[32, 32]")
+    _assert_import_fails(d, tmp_path, "model.layers.0.self_attn.q_proj.weight", "[16, 32]", "[32, 32]")
 
 
 @pytest.mark.parametrize("changes, needles", [
@@ -111,27 +111,27 @@ def test_mismatched_shape(hf_dir, tmp_path):
 def test_config_disagrees_with_weights(hf_dir, tmp_path, changes, needles):
     d = _copy(hf_dir, tmp_path)
     _edit_config(d, **changes)
-    _import_fails(d, tmp_path, *needles)
+    _assert_import_fails(d, tmp_path, *needles)
 
 
 def test_override_contradicting_the_weights(hf_dir, tmp_path):
-    _import_fails(hf_dir, tmp_path, "model.n_layers: 3 contradicts", overrides=["model.n_layers=3"])
-    _import_fails(hf_dir, tmp_path, "model.unknown_key", "unknown key", overrides=["model.unknown_key=1"])
+    _assert_import_fails(hf_dir, tmp_path, "model.n_layers: 3 contradicts", overrides=["model.n_layers=3"])
+    _assert_import_fails(hf_dir, tmp_path, "model.unknown_key", "unknown key", overrides=["model.unknown_key=1"])
 
 
 def test_damaged_files(hf_dir, tmp_path):
     d = _copy(hf_dir, tmp_path)
     raw = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
-    _import_fails(d, tmp_path, "model.safetensors", "file truncated?")
+    _assert_import_fails(d, tmp_path, "model.safetensors", "file truncated?")
     (d / "config.json").write_text("{not json")
-    _import_fails(d, tmp_path, "config.json", "not readable JSON")
+    _assert_import_fails(d, tmp_path, "config.json", "not readable JSON")
     os.remove(d / "config.json")
-    _import_fails(d, tmp_path, "config.json: not found")
+    _assert_import_fails(d, tmp_path, "config.json: not found")
     shutil.copy(hf_dir + "/config.json", d / "config.json")
     os.remove(d / "model.safetensors")
     (d / "pytorch_model.bin").write_bytes(b"x")
-    _import_fails(d, tmp_path, "pytorch_model.bin", "safe_serialization=True")
+    _assert_import_fails(d, tmp_path, "pytorch_model.bin", "safe_serialization=True")
 
 
 def test_cli_exit_code_and_one_line(hf_dir, tmp_path):

@@ -231,6 +231,62 @@ def test_reset_restores_initial_memory():
     assert float(a[0]) != float(m.loss(m.params, init, batch)[0])  # the reset did change the loss
 
 
+
+def test_a_diverging_padding_row_does_not_poison_the_loss():
+    """End of an eval pass: one row is all padding (loss_mask 0). With a large inner step (max_lr 1) the memory
+    of that row, fed 64 identical pad tokens, diverges to NaN; the loss must be that of the real row alone
+    (memlm.models.lm.token_loss drops masked positions with `where`; NaN * 0 would be NaN)."""
+    cfg, mdl = make("titans", seg_len=32, n_seg=2, batch=2,
+                    titans={"variant": "mal", "chunk_size": 16, "max_lr": 1.0, "memory_depth": 2})
+    batch = make_batch(cfg)
+    batch["tokens"] = batch["tokens"].at[1].set(0)
+    batch["loss_mask"] = batch["loss_mask"].at[1].set(0.0)
+    carry = mdl.init_carry(2)
+    logits = []
+    for s in range(2):
+        out, carry = mdl.segment_logits(carry, batch["tokens"][:, s])
+        logits.append(np.asarray(out))
+    logits = np.concatenate(logits, axis=1)
+    assert np.isfinite(logits[0]).all() and not np.isfinite(logits[1]).all()  # the case this test is about
+    both = mdl.loss(mdl.init_carry(2), batch)
+    alone = mdl.loss(mdl.init_carry(1), jax.tree.map(lambda x: x[:1], batch))
+    assert np.isfinite(float(both[0])) and float(both[1]) == float(alone[1]) == 2 * 32
+    np.testing.assert_allclose(float(both[0]), float(alone[0]), rtol=1e-6)
+
+
+def test_repeated_tokens_diverge_under_the_chunked_rule_and_stay_bounded_with_the_inner_clip():
+    """The paper's chunked rule takes every gradient of a chunk at the chunk-start weights, so b identical
+    tokens move M by b gradient steps computed at one point: an overshoot that grows chunk after chunk.
+    1,024 copies of one (k, v), depth-2 memory, chunk 64, theta 0.01, eta 0.9 (inside the paper configs'
+    range): the token loop converges, the chunked rule reaches inf/NaN. With titans.inner_grad_clip = c every
+    token's gradient has norm <= c, so ||S_t|| <= theta c / (1 - eta) and ||M_t|| <= max(||M_0||,
+    theta c / ((1 - eta) alpha)) (Frobenius norms over all layers together) -- checked here."""
+    from pallas_kernels.chunked_memory import chunked_memory
+
+    rng = np.random.default_rng(0)
+    d, T, theta, eta, alpha, clip = 32, 1024, 0.01, 0.9, 0.0025, 0.1
+    k = rng.standard_normal(d)
+    k /= np.linalg.norm(k)
+    v = rng.standard_normal(d)
+    K = jnp.asarray(np.broadcast_to(k, (1, T, d)), jnp.float32)
+    V = jnp.asarray(np.broadcast_to(v, (1, T, d)), jnp.float32)
+    M0 = (jnp.asarray(rng.standard_normal((1, d, 2 * d)) / d**0.5, jnp.float32),
+          jnp.asarray(rng.standard_normal((1, 2 * d, d)) / (2 * d) ** 0.5, jnp.float32))
+    S0 = tuple(jnp.zeros_like(m) for m in M0)
+    gate = lambda x: jnp.full((1, T), x, jnp.float32)
+    run = lambda chunk, c: chunked_memory(K, K, V, gate(theta), gate(eta), gate(alpha), M0, S0, chunk_size=chunk,
+                                          implementation="xla", grad_clip=c)
+    norm = lambda ws: float(np.sqrt(sum(np.sum(np.asarray(w, np.float64) ** 2) for w in ws)))
+    y, _, _ = run(1, 0.0)
+    assert np.linalg.norm(np.asarray(y[0, -1]) - v) < 0.05 * np.linalg.norm(v)  # the token loop has learned v
+    y, w, s = run(64, 0.0)
+    assert not (np.isfinite(np.asarray(y)).all() and np.isfinite(norm(w)))
+    y, w, s = run(64, clip)
+    assert np.isfinite(np.asarray(y)).all()
+    assert norm(s) <= theta * clip / (1 - eta) * (1 + 1e-5)
+    assert norm(w) <= max(norm(M0), theta * clip / ((1 - eta) * alpha)) * (1 + 1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- gradients
 MEMORY_PARAMS = {"W_Q": ("memory", "wq"), "W_K": ("memory", "wk"), "W_V": ("memory", "wv"),
                  "gates": ("memory", "gates"), "M_0": ("memory", "m0_0"), "M_0 (layer 2)": ("memory", "m0_1")}
