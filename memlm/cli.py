@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from memlm.errors import TrainingDiverged, UserError
+from memlm.errors import NonFiniteOutput, TrainingDiverged, UserError
 
 OVERRIDES_HELP = "config overrides as key.path=value (e.g. train.steps=100 mesh.data=8)"
 
@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingDiverged as e:
         print(f"memlm: diverged: {e}", file=sys.stderr)
+        return 1
+    except NonFiniteOutput as e:
+        print(f"memlm: non-finite: {e}", file=sys.stderr)
         return 1
 
 

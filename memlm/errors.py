@@ -8,3 +8,13 @@ class UserError(Exception):
 class TrainingDiverged(Exception):
     """The training loss became NaN/inf. The CLI reports it in one line with exit code 1; the checkpoints
     written before the divergence are kept and the diverged state is not saved."""
+
+
+class NonFiniteOutput(Exception):
+    """The model produced NaN/inf where an evaluation needs a number (a token NLL). The CLI reports it in one
+    line with exit code 1; results written before it (finished PG-19 books) are kept."""
+
+
+# Appended to NonFiniteOutput messages: the one known way a trained model here produces NaN on valid input.
+DIVERGENCE_HINT = ("a Titans memory's chunked inner update can diverge on a long run of identical tokens; "
+                   "model.titans.inner_grad_clip > 0 bounds it")

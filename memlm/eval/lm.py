@@ -9,6 +9,7 @@ import os
 import jax
 
 from memlm.data import pipeline
+from memlm.errors import DIVERGENCE_HINT, NonFiniteOutput
 from memlm.sharding import make_mesh
 from memlm.train import setup as setup_lib
 from memlm.train.loop import evaluate_loss
@@ -64,6 +65,8 @@ def eval_lm(run_dir: str, split: str, max_batches: int | None = None, out: str |
         params = jax.device_put(lm._params, setup.param_sh)
     eval_step = setup_lib.jit_eval_step(setup)
     nll = evaluate_loss(setup, eval_step, params, batches, list(range(b)))
+    if not math.isfinite(nll):
+        raise NonFiniteOutput(f"eval lm {run_dir} ({split}): the mean token NLL is {nll} ({DIVERGENCE_HINT})")
     result = {
         "run": os.path.abspath(run_dir),
         "step": lm.step,

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memlm.errors import UserError
+from memlm.errors import DIVERGENCE_HINT, NonFiniteOutput, UserError
 
 OFFICIAL_WORDS = {"validation": 3_007_061, "test": 6_966_499}
 OFFICIAL_BOOKS = {"train": 28_602, "validation": 50, "test": 100}
@@ -463,6 +463,11 @@ def evaluate_pg19(lm, data_dir: str, split: str, out_dir: str, max_books: int | 
                                           pad_id=int(getattr(tokenizer, "pad_id", 0) or 0),
                                           progress=pbar.update if pbar else None):
                 b, seq, words, n_bytes, cut = prepared[i]
+                bad = np.flatnonzero(~np.isfinite(np.asarray(nll)))
+                if bad.size:
+                    raise NonFiniteOutput(f"pg19 book {b.book_id}: the model's NLL is not finite at scored token "
+                                          f"{bad[0]} of {len(nll)} ({DIVERGENCE_HINT}); the {len(done)} books "
+                                          f"scored before it are kept in {rows_path}")
                 st = book_stats(nll, seq.size, words, n_bytes, segment_len, book_id=b.book_id, title=b.title,
                                 truncated=cut)
                 done[b.book_id] = st.to_json()

@@ -250,7 +250,8 @@ def train(cfg) -> dict:
                         raise TrainingDiverged(
                             f"loss is {last['loss']} at step {step} (metrics in {run_dir}/metrics.jsonl); "
                             f"latest checkpoint kept: {max(good) if good else 'none'}. Lower train.lr or the "
-                            "memory's inner step size (e.g. model.titans.max_lr)")
+                            "memory's inner step size (e.g. model.titans.max_lr), or bound Titans' inner "
+                            "gradients (model.titans.inner_grad_clip=1.0)")
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.train.checkpoint_every == 0 or preempt.requested:

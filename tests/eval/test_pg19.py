@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from memlm.data.tokenizers import ByteTokenizer
-from memlm.errors import UserError
+from memlm.errors import NonFiniteOutput, UserError
 from memlm.eval.pg19 import (
     OFFICIAL_WORDS,
     book_stats,
@@ -49,8 +49,9 @@ class FakeLM:
     "window" (stateless: logit (position in the window + 1) for (t+1) mod V)."""
 
     def __init__(self, kind: str, stateless: bool, segment_len: int = 8, max_seq_len: int = 16,
-                 fail_after_calls: int | None = None):
+                 fail_after_calls: int | None = None, nan_token: int | None = None):
         self.kind, self.stateless, self.segment_len = kind, stateless, segment_len
+        self.nan_token = nan_token  # logits are NaN wherever the input token is this id (a diverged model)
         self.vocab_size = V
         self.tokenizer = TOK
         self.config = SimpleNamespace(model=SimpleNamespace(max_seq_len=max_seq_len, vocab_size=V))
@@ -84,6 +85,8 @@ class FakeLM:
         else:
             pos = carry[:, None] + np.arange(n)[None, :]
             logits = self._next_logits(tokens, 0.01 * (pos + 1))
+        if self.nan_token is not None:
+            logits[tokens == self.nan_token] = np.nan
         return logits, carry + n
 
     def logits(self, tokens):
@@ -92,8 +95,12 @@ class FakeLM:
         b, n = tokens.shape
         assert n <= self.config.model.max_seq_len
         if self.kind == "unigram":
-            return np.broadcast_to(self.logp, (b, n, V)).copy()
-        return self._next_logits(tokens, np.broadcast_to(np.arange(n) + 1.0, (b, n)))
+            logits = np.broadcast_to(self.logp, (b, n, V)).copy()
+        else:
+            logits = self._next_logits(tokens, np.broadcast_to(np.arange(n) + 1.0, (b, n)))
+        if self.nan_token is not None:
+            logits[tokens == self.nan_token] = np.nan
+        return logits
 
 
 def _nll_true_next(scale: float) -> float:
@@ -283,6 +290,28 @@ def test_evaluate_pg19_outputs_resume_and_crash(tmp_path, stateless):
         evaluate_pg19(lm, str(tmp_path / "pg"), "validation", str(tmp_path / "out"), max_tokens_per_book=50,
                       progress=False, run_info={"model": "fake"})
 
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+def test_non_finite_nll_names_the_book_and_keeps_the_finished_ones(tmp_path, stateless):
+    """A model that returns NaN (as a diverged Titans memory does) stops the run with NonFiniteOutput naming the
+    book and the first bad token; books scored before it stay in the JSONL, and a fixed model resumes."""
+    texts = write_pg19_tree(tmp_path / "pg", {"validation": [10, 11, 12]}, n_lines=12)
+    marked = texts[11][:40] + "~" + texts[11][40:]
+    (tmp_path / "pg" / "validation" / "11.txt").write_text(marked, encoding="utf-8")
+    tilde = TOK.encode("~")[0]
+    assert all("~" not in texts[i] for i in (10, 12))
+    kw = {"segment_len": 4096, "max_seq_len": 4096}  # one model call per book (longest first)
+    with pytest.raises(NonFiniteOutput, match=r"pg19 book 11: .* at scored token 40 of") as e:
+        evaluate_pg19(FakeLM("unigram", stateless, nan_token=tilde, **kw), str(tmp_path / "pg"), "validation",
+                      str(tmp_path / "out"), progress=False)
+    assert "\n" not in str(e.value) and "inner_grad_clip" in str(e.value)
+    rows = (tmp_path / "out" / "pg19_validation_books.jsonl").read_text().splitlines()
+    kept = [json.loads(x)["book_id"] for x in rows]
+    assert kept and 11 not in kept and f"the {len(kept)} books scored before it are kept" in str(e.value)
+    s = evaluate_pg19(FakeLM("unigram", stateless, **kw), str(tmp_path / "pg"), "validation", str(tmp_path / "out"),
+                      progress=False)
+    assert s["books"] == 3
 
 def test_truncation_counts_the_scored_prefix(tmp_path):
     texts = write_pg19_tree(tmp_path / "pg", {"validation": [3, 4]}, n_lines=12)
