@@ -284,3 +284,18 @@ def test_cli_bad_input_exits_2_with_one_line(run_dir, tmp_path):
     _one_error_line(run_memlm("eval", "babilong-score", "--predictions", str(csvp), "--task", "qa1"),
                     str(csvp), "output")
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
+def test_non_finite_output_is_one_line_with_exit_code_1(monkeypatch, capsys):
+    """`memlm eval lm` on a model whose NLL is NaN: the CLI prints NonFiniteOutput's one line, exit code 1."""
+    from memlm import cli
+    from memlm.errors import NonFiniteOutput
+    from memlm.eval import lm as eval_lm_module
+
+    def diverged(run_dir, split, max_batches=None, out=None):
+        raise NonFiniteOutput(f"eval lm {run_dir} ({split}): the mean token NLL is nan")
+
+    monkeypatch.setattr(eval_lm_module, "eval_lm", diverged)
+    rc = cli.main(["eval", "lm", "--run", "/nowhere", "--split", "validation"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == "memlm: non-finite: eval lm /nowhere (validation): the mean token NLL is nan"
