@@ -126,7 +126,10 @@ class TitansConfig(_Strict):
     inner_grad_clip: float = Field(
         0.0, ge=0, description="if > 0, each token's inner gradient grad loss(M; x_t) (all memory layers together) "
         "is rescaled to Frobenius norm <= this before the momentum update (NOT in the paper, which bounds only "
-        "theta; 0 = the paper's rule): keeps large inner steps and deep memories from diverging")
+        "theta; 0 = the paper's rule): keeps large inner steps and deep memories from diverging. The paper's "
+        "chunked rule can overshoot without bound on a run of near-identical tokens (b gradients taken at one "
+        "point) and when a long stream grows the deep memory's curvature; the clip bounds ||S|| by "
+        "max_lr * clip / (1 - eta)")
     scan_unroll: int = Field(
         1, ge=1, description="chunks per iteration of the XLA chunk loop (lax.scan unroll; the Pallas kernels "
         "ignore it): a GPU runs every XLA loop iteration with a host round trip, so unrolling trades compile time "

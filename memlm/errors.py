@@ -16,5 +16,5 @@ class NonFiniteOutput(Exception):
 
 
 # Appended to NonFiniteOutput messages: the one known way a trained model here produces NaN on valid input.
-DIVERGENCE_HINT = ("a Titans memory's chunked inner update can diverge on a long run of identical tokens; "
+DIVERGENCE_HINT = ("a Titans memory's chunked inner update can diverge on a long stream or a run of identical tokens; "
                    "model.titans.inner_grad_clip > 0 bounds it")
