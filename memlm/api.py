@@ -22,7 +22,7 @@ from flax import nnx
 
 from memlm import config as config_lib
 from memlm.checkpoint import Checkpointer
-from memlm.errors import UserError
+from memlm.errors import DIVERGENCE_HINT, NonFiniteOutput, UserError
 from memlm.sharding import make_mesh
 from memlm.train import setup as setup_lib
 
@@ -126,7 +126,7 @@ class LoadedModel:
             for _ in range(max_new_tokens):
                 window = ids[-self.config.model.max_seq_len :]
                 logits = self._full_fn(self._params, jnp.asarray([window], jnp.int32))
-                nxt = int(jnp.argmax(logits[0, -1, : self.vocab_size]))
+                nxt = _greedy(logits[0, -1, : self.vocab_size], len(ids))
                 ids.append(nxt)
                 new.append(nxt)
                 if nxt == eos:
@@ -141,7 +141,7 @@ class LoadedModel:
         for _ in range(max_new_tokens):
             open_seg = ids[seg_start:]
             logits, _ = self.step_segment(carry, np.asarray([open_seg]), seg_start)
-            nxt = int(jnp.argmax(logits[0, len(open_seg) - 1]))
+            nxt = _greedy(logits[0, len(open_seg) - 1], len(ids))
             ids.append(nxt)
             new.append(nxt)
             if nxt == eos:
@@ -150,6 +150,14 @@ class LoadedModel:
                 _, carry = self.step_segment(carry, np.asarray([ids[seg_start : seg_start + L]]), seg_start)
                 seg_start += L
         return new
+
+
+def _greedy(logits, position: int) -> int:
+    """argmax of one position's logits [vocab]; NonFiniteOutput if any is NaN/inf (argmax would pick garbage)."""
+    row = np.asarray(logits)
+    if not np.isfinite(row).all():
+        raise NonFiniteOutput(f"generate: the model's logits for token {position} are not finite ({DIVERGENCE_HINT})")
+    return int(row.argmax())
 
 
 def load(run_dir: str, step: int | None = None, devices=None) -> LoadedModel:

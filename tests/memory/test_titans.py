@@ -254,6 +254,24 @@ def test_a_diverging_padding_row_does_not_poison_the_loss():
     np.testing.assert_allclose(float(both[0]), float(alone[0]), rtol=1e-6)
 
 
+
+def test_generate_stops_on_non_finite_logits():
+    """Greedy decoding (what BABILong runs) from a memory that diverged: argmax of NaN logits would return token 0
+    silently; LoadedModel.generate raises NonFiniteOutput instead (one line, exit 1 from the CLI)."""
+    from memlm.api import LoadedModel
+    from memlm.errors import NonFiniteOutput
+    from memlm.train import setup as setup_lib
+
+    cfg, _ = make("titans", seg_len=32, n_seg=2, batch=1,
+                  titans={"variant": "mal", "chunk_size": 16, "max_lr": 0.3, "memory_depth": 2})
+    setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]), batch_size=1)
+    lm = LoadedModel(cfg, setup_lib.init_params(setup, 0), setup, 0)
+    prompt = np.random.default_rng(0).integers(3, 259, size=200).tolist()
+    assert len(lm.generate(prompt, 2)) >= 1  # random tokens: finite
+    with pytest.raises(NonFiniteOutput, match="generate: the model's logits for token 70 are not finite"):
+        lm.generate([0] * 70, 2)  # 70 identical pad tokens: the memory diverges (see the next test)
+
+
 def test_repeated_tokens_diverge_under_the_chunked_rule_and_stay_bounded_with_the_inner_clip():
     """The paper's chunked rule takes every gradient of a chunk at the chunk-start weights, so b identical
     tokens move M by b gradient steps computed at one point: an overshoot that grows chunk after chunk.
