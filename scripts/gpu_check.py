@@ -448,10 +448,13 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  # the XLA chunk loop 8 chunks per iteration: 4 loop iterations per segment instead of 32, each
                  # a host round trip on a GPU (session 8)
                  ("titans_mag_unroll8", TINY + "titans_mag.yaml", "model.titans.scan_unroll=8"),
+                 # the tiny configs clip inner gradients since session 9; session 5's 11.9x was without the clip
+                 ("titans_mag_no_clip", TINY + "titans_mag.yaml", "model.titans.inner_grad_clip=0.0"),
                  ("baseline_full_attention", TINY + "baseline.yaml", "")]
     if width == "gpt2s":  # MAG with configs/paper/titans_170m.yaml's memory settings at the width of that model
         paper_mag = (f"model.titans.memory_heads={4 if SMOKE else 12};model.titans.chunk_size=64;"
-                     "model.titans.window=512;model.titans.num_persistent=16;model.titans.max_lr=0.01")
+                     "model.titans.window=512;model.titans.num_persistent=16;model.titans.max_lr=0.01;"
+                     "model.titans.inner_grad_clip=0.0")
         rows += [("titans_mag_paper", TINY + "titans_mag.yaml", paper_mag),
                  ("titans_mag_paper_linear", TINY + "titans_mag.yaml", paper_mag + ";model.titans.memory_depth=1"),
                  ("titans_mag_paper_triton", TINY + "titans_mag.yaml",
