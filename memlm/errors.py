@@ -10,7 +10,7 @@ class TrainingDiverged(Exception):
     written before the divergence are kept and the diverged state is not saved."""
 
 
-class NonFiniteOutput(Exception):
+class NonFiniteOutput(ValueError):
     """The model produced NaN/inf where an evaluation needs a number (a token NLL). The CLI reports it in one
     line with exit code 1; results written before it (finished PG-19 books) are kept."""
 

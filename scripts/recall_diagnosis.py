@@ -72,21 +72,14 @@ def main() -> int:
 
 def mac_scratch(extra: dict, steps: int, lr: float, seed: int) -> int:
     """Titans-MAC trained from scratch, constant lr after a 50-step warmup (the recall test uses 3e-3, cosine)."""
-    from memlm.config import from_dict
     from tests.memory import test_titans_learning as ttl
     from tests.memory.common import fit, recall_batch
 
     unknown = set(extra) - {"titans", "model"}
     if unknown:
         raise SystemExit(f"--model: unknown keys {sorted(unknown)} (expected 'titans' and/or 'model')")
-    cfg = from_dict({
-        "run": {"dir": "/tmp/unused"},
-        "train": {"steps": steps, "batch_size": ttl.BATCH, "lr": lr, "warmup_steps": 50, "weight_decay": 0.0,
-                  "min_lr_ratio": 1.0, "progress": False},
-        "model": {"kind": "titans", "vocab_size": 259, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                  "d_ff": 128, "max_seq_len": 64, "dtype": "float32", "remat": "none",
-                  "titans": {**ttl.MAC, **extra.get("titans", {})}, **extra.get("model", {})},
-        "data": {"source": "synthetic", "n_segments": ttl.N_SEG, "segment_len": ttl.SEG}})
+    cfg = ttl.mac_config({**ttl.MAC, **extra.get("titans", {})}, steps, lr, 50, {"min_lr_ratio": 1.0},
+                         extra.get("model", {}))
     train = AssociativeRecallCorpus(10**9, ttl.N_SEG, ttl.SEG, num_pairs=ttl.PAIRS, seed=seed)
     setup, params, metrics, train_s = fit(cfg, lambda i: recall_batch(train, i * ttl.BATCH, ttl.BATCH, ttl.SEG),
                                           seed, log_every=250, label="recall loss")

@@ -79,8 +79,10 @@ def book_stats(nll: Sequence[float] | np.ndarray, n_tokens: int, words: int, n_b
         raise ValueError(f"segment_len must be >= 1, got {segment_len}")
     if n_tokens < 1 or nll.size != n_tokens - 1:
         raise ValueError(f"a book of {n_tokens} tokens has {max(n_tokens - 1, 0)} scored targets, got {nll.size}")
-    if not np.all(np.isfinite(nll)):
-        raise ValueError("non-finite NLL")
+    bad = np.flatnonzero(~np.isfinite(nll))
+    if bad.size:
+        raise NonFiniteOutput(f"pg19 book {extra.get('book_id', '?')}: the model's NLL is non-finite at scored "
+                              f"token {bad[0]} of {nll.size} ({DIVERGENCE_HINT})")
     seg = np.arange(nll.size) // segment_len
     n_seg = int(seg[-1]) + 1 if nll.size else 0
     seg_nll = np.bincount(seg, weights=nll, minlength=n_seg) if nll.size else np.zeros(0)
@@ -463,13 +465,12 @@ def evaluate_pg19(lm, data_dir: str, split: str, out_dir: str, max_books: int | 
                                           pad_id=int(getattr(tokenizer, "pad_id", 0) or 0),
                                           progress=pbar.update if pbar else None):
                 b, seq, words, n_bytes, cut = prepared[i]
-                bad = np.flatnonzero(~np.isfinite(np.asarray(nll)))
-                if bad.size:
-                    raise NonFiniteOutput(f"pg19 book {b.book_id}: the model's NLL is not finite at scored token "
-                                          f"{bad[0]} of {len(nll)} ({DIVERGENCE_HINT}); the {len(done)} books "
-                                          f"scored before it are kept in {rows_path}")
-                st = book_stats(nll, seq.size, words, n_bytes, segment_len, book_id=b.book_id, title=b.title,
-                                truncated=cut)
+                try:
+                    st = book_stats(nll, seq.size, words, n_bytes, segment_len, book_id=b.book_id, title=b.title,
+                                    truncated=cut)
+                except NonFiniteOutput as e:
+                    raise NonFiniteOutput(f"{e}; the {len(done)} books scored before it are kept in "
+                                          f"{rows_path}") from None
                 done[b.book_id] = st.to_json()
                 f.write(json.dumps(done[b.book_id]) + "\n")
                 f.flush()

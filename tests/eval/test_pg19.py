@@ -302,7 +302,7 @@ def test_non_finite_nll_names_the_book_and_keeps_the_finished_ones(tmp_path, sta
     tilde = TOK.encode("~")[0]
     assert all("~" not in texts[i] for i in (10, 12))
     kw = {"segment_len": 4096, "max_seq_len": 4096}  # one model call per book (longest first)
-    with pytest.raises(NonFiniteOutput, match=r"pg19 book 11: .* at scored token 40 of") as e:
+    with pytest.raises(NonFiniteOutput, match=r"pg19 book 11: .* non-finite at scored token 40 of") as e:
         evaluate_pg19(FakeLM("unigram", stateless, nan_token=tilde, **kw), str(tmp_path / "pg"), "validation",
                       str(tmp_path / "out"), progress=False)
     assert "\n" not in str(e.value) and "inner_grad_clip" in str(e.value)

@@ -15,7 +15,8 @@ build_setup / jit_train_step and evaluated on 256 held-out documents streamed on
 `segment_logits` (the inference path: the memory goes from segment 0 to segment 1 in the carry).
 
 test_mac_recall_ci (CI, 200 steps each): MAC well above chance and the baseline (measured: MAC 33.8%, baseline
-6.1%; 105 s CPU, 341 s wall at load average ~20 on the shared 2-core box).
+6.1%; 105 s CPU, 341 s wall at load average ~20 on the shared 2-core box; since session 9's `where` in the loss,
+which changes only float rounding: MAC 26.6%, baseline 6.1%).
 test_mac_recall_full (slow): MAC >= 90%, the baseline near chance. NOT reached yet, so marked xfail (the
 threshold is kept): measured MAC 75.2% after 1500 steps and 76.2% after 4000 (the recall loss plateaus at
 ~0.4), baseline 5.3% / 5.1%. That plateau is the backbone's (tests/memory/test_recall_learning.py, session 4:
@@ -47,15 +48,22 @@ MAC = {"variant": "mac", "memory_depth": 1, "memory_heads": 2, "chunk_size": 8, 
 NO_MEMORY = {**MAC, "memory_layers": []}
 
 
+def mac_config(titans: dict, steps: int, lr: float = LR, warmup: int = 20, train_extra: dict | None = None,
+               model_extra: dict | None = None):
+    """This file's model (d_model 64, 2 layers, `titans`) and task, trained `steps` steps at peak `lr`."""
+    return from_dict({
+        "run": {"dir": "/tmp/unused"},
+        "train": {"steps": steps, "batch_size": BATCH, "lr": lr, "warmup_steps": warmup, "weight_decay": 0.0,
+                  "progress": False, **(train_extra or {})},
+        "model": {"kind": "titans", "vocab_size": 259, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                  "d_ff": 128, "max_seq_len": 64, "dtype": "float32", "remat": "none", "titans": titans,
+                  **(model_extra or {})},
+        "data": {"source": "synthetic", "n_segments": N_SEG, "segment_len": SEG}})
+
+
 def train_and_eval(titans: dict, steps: int, seed: int = 0, n_eval: int = 256) -> dict:
     """Train `steps` steps on fresh recall documents; greedy answer accuracy on held-out documents."""
-    cfg = from_dict({
-        "run": {"dir": "/tmp/unused"},
-        "train": {"steps": steps, "batch_size": BATCH, "lr": LR, "warmup_steps": 20, "weight_decay": 0.0,
-                  "progress": False},
-        "model": {"kind": "titans", "vocab_size": 259, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                  "d_ff": 128, "max_seq_len": 64, "dtype": "float32", "remat": "none", "titans": titans},
-        "data": {"source": "synthetic", "n_segments": N_SEG, "segment_len": SEG}})
+    cfg = mac_config(titans, steps)
     train = AssociativeRecallCorpus(10**9, N_SEG, SEG, num_pairs=PAIRS, seed=seed)  # fresh documents per step
     held_out = AssociativeRecallCorpus(n_eval, N_SEG, SEG, num_pairs=PAIRS, seed=10**6 + seed)
     t0 = time.perf_counter()
@@ -116,13 +124,7 @@ def warm_start_mac(titans: dict, pretrain: int, steps: int, seed: int = 0) -> di
 
     _, backbone, backbone_loss = trl.train_one_segment({"kind": "baseline", "n_kv_heads": 2}, 1, pretrain, 1e-3, seed,
                                                     log_every=500, doc=(N_SEG, SEG))
-    cfg = from_dict({
-        "run": {"dir": "/tmp/unused"},
-        "train": {"steps": steps, "batch_size": BATCH, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.0,
-                  "min_lr_ratio": 1.0, "progress": False},
-        "model": {"kind": "titans", "vocab_size": 259, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                  "d_ff": 128, "max_seq_len": 64, "dtype": "float32", "remat": "none", "titans": titans},
-        "data": {"source": "synthetic", "n_segments": N_SEG, "segment_len": SEG}})
+    cfg = mac_config(titans, steps, 1e-3, 50, {"min_lr_ratio": 1.0})
     setup = setup_lib.build_setup(cfg, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
     params = trl.give_backbone(cfg, setup_lib.init_params(setup, seed), backbone)
     train = AssociativeRecallCorpus(10**9, N_SEG, SEG, num_pairs=PAIRS, seed=0)
