@@ -315,6 +315,9 @@ class DataConfig(_Strict):
         False, description="each batch uses n ~ U{1..n_segments} segments, drawn from (run.seed, step)"
     )
     recall_pairs: int = Field(4, ge=1, description="assoc_recall: key/value pairs in the first segment")
+    recall_in_window: float = Field(
+        0.0, ge=0.0, le=1.0, description="assoc_recall, training split only: the fraction of documents whose pairs "
+        "sit in the last segment, within attention's reach (a curriculum; evaluation keeps every pair beyond it)")
     synthetic_docs: int = Field(4096, ge=1, description="synthetic / assoc_recall: documents per split")
     babilong: BabilongDataConfig = Field(default_factory=BabilongDataConfig)
 

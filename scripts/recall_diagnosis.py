@@ -11,13 +11,16 @@ after a 50-step warmup). Modes:
                 RMT (--model) and train that on --segments x 8 tokens (pairs in segment 1, queries in the last).
   mac-scratch   Titans-MAC from scratch on tests/memory/test_titans_learning.py's task (2 x 16 tokens, 2 pairs,
                 batch 32) for --steps at a constant --lr; --model is JSON {"titans": {...}, "model": {...}}
-                merged into that test's MAC. Prints held-out accuracy (512 documents, per answer).
+                merged into that test's MAC; --in-window F trains on the curriculum where a fraction F of the
+                documents has its pairs inside the query's segment. Prints held-out accuracy (512 documents, all
+                pairs beyond the attention window, per answer).
 
   python scripts/recall_diagnosis.py one-segment --model '{"kind": "rmt", "rmt": {"num_mem_tokens": 8}}' \\
       --steps 3000 --lr 3e-3
   python scripts/recall_diagnosis.py one-segment --prefix 1 --steps 3000 --lr 1e-3
   python scripts/recall_diagnosis.py warm-start --prefix 1 --steps 3000 --memory-steps 4000 --lr 1e-3
   python scripts/recall_diagnosis.py mac-scratch --steps 8000 --lr 1e-3 --model '{"titans": {"num_persistent": 0}}'
+  python scripts/recall_diagnosis.py mac-scratch --steps 10000 --lr 1e-3 --in-window 0.5
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def main() -> int:
                    '"[[2, 500], [3, 3000]]" (overrides --segments / --memory-steps)')
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-window", type=float, default=0.0, help="mac-scratch: fraction of training documents "
+                   "with the pairs in the query's segment (data.recall_in_window)")
     a = p.parse_args()
     if a.mode == "one-segment":
         model = json.loads(a.model) if a.model else {"kind": "baseline"}
@@ -58,7 +63,7 @@ def main() -> int:
                           "seed": a.seed, "final_loss": loss, **ev}))
         return 0
     if a.mode == "mac-scratch":
-        return mac_scratch(json.loads(a.model) if a.model else {}, a.steps, a.lr, a.seed)
+        return mac_scratch(json.loads(a.model) if a.model else {}, a.steps, a.lr, a.seed, a.in_window)
     if a.prefix != 1:
         p.error("warm-start pre-trains with --prefix 1 (tests/memory/test_recall_learning.py::warm_start)")
     model = json.loads(a.model) if a.model else trl.RECIPES["rmt"]["model"]
@@ -70,7 +75,7 @@ def main() -> int:
     return 0
 
 
-def mac_scratch(extra: dict, steps: int, lr: float, seed: int) -> int:
+def mac_scratch(extra: dict, steps: int, lr: float, seed: int, in_window: float = 0.0) -> int:
     """Titans-MAC trained from scratch, constant lr after a 50-step warmup (the recall test uses 3e-3, cosine)."""
     from tests.memory import test_titans_learning as ttl
     from tests.memory.common import fit, recall_batch
@@ -80,12 +85,14 @@ def mac_scratch(extra: dict, steps: int, lr: float, seed: int) -> int:
         raise SystemExit(f"--model: unknown keys {sorted(unknown)} (expected 'titans' and/or 'model')")
     cfg = ttl.mac_config({**ttl.MAC, **extra.get("titans", {})}, steps, lr, 50, {"min_lr_ratio": 1.0},
                          extra.get("model", {}))
-    train = AssociativeRecallCorpus(10**9, ttl.N_SEG, ttl.SEG, num_pairs=ttl.PAIRS, seed=seed)
-    setup, params, metrics, train_s = fit(cfg, lambda i: recall_batch(train, i * ttl.BATCH, ttl.BATCH, ttl.SEG),
+    train = AssociativeRecallCorpus(10**9, ttl.N_SEG, ttl.SEG, num_pairs=ttl.PAIRS, seed=seed, in_window=in_window)
+    # training documents from index 10**7 on: never the held-out ones below, also when --seed is 1
+    setup, params, metrics, train_s = fit(cfg, lambda i: recall_batch(train, 10**7 + i * ttl.BATCH, ttl.BATCH, ttl.SEG),
                                           seed, log_every=250, label="recall loss")
     held_out = AssociativeRecallCorpus(10**9, ttl.N_SEG, ttl.SEG, num_pairs=ttl.PAIRS, seed=1)
     ev = trl.accuracy(setup, params, held_out, ttl.SEG)
     print(json.dumps({"mode": "mac-scratch", "extra": extra, "steps": steps, "lr": lr, "seed": seed,
+                      "in_window": in_window,
                       "final_loss": float(metrics["loss"]), "train_s": round(train_s, 1), **ev}))
     return 0
 

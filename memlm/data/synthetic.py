@@ -47,20 +47,33 @@ class AssociativeRecallCorpus:
     Only the recalled values count in the loss (`doc_loss_mask`: the targets of the repeated keys), so the
     loss is the recall loss and accuracy = argmax at those positions. A model that cannot carry information
     from segment 0 to segment S-1 is at chance (1 / num_values) on the first recalled value.
+
+    in_window: the fraction of documents (drawn per document, from its own stream) whose pairs are moved into
+    segment S-1, at a random offset before the query, i.e. within attention's reach; segment 0 is then filler.
+    A training curriculum: a backbone learns the key/value binding first where attention can see both, and the
+    memory then carries that binding across segments (BENCHMARKS.md, "Titans"). Evaluation uses 0 (every pair
+    beyond the window). The other documents are token-for-token those of in_window = 0.
     """
 
     QUERY = 3
 
     def __init__(self, n_docs: int, n_segments: int, segment_len: int, num_pairs: int = 4, num_keys: int = 16,
-                 num_values: int = 16, num_filler: int = 32, seed: int = 0):
+                 num_values: int = 16, num_filler: int = 32, seed: int = 0, in_window: float = 0.0):
         if 2 * num_pairs + 1 > segment_len or n_segments < 2:
             raise ValueError("AssociativeRecallCorpus: need 2*num_pairs+1 <= segment_len and n_segments >= 2")
+        if not 0.0 <= in_window <= 1.0:
+            raise ValueError(f"AssociativeRecallCorpus: in_window={in_window} is not a fraction in [0, 1]")
+        if in_window > 0 and 4 * num_pairs + 1 > segment_len:
+            raise ValueError(f"AssociativeRecallCorpus: in_window > 0 puts {num_pairs} pairs, the query marker and "
+                             f"{num_pairs} queries in one segment: needs 4*num_pairs+1 <= segment_len ({segment_len})")
+        self.in_window = in_window
         self.key_base, self.value_base = 4, 4 + num_keys
         self.filler_base = self.value_base + num_values
         self.vocab_needed = self.filler_base + num_filler
         self._args = (n_docs, n_segments, segment_len, num_pairs, num_keys, num_values, num_filler, seed)
         self.length = n_segments * segment_len + 1
-        self.name = f"assoc-recall-n{n_docs}-s{n_segments}x{segment_len}-p{num_pairs}-seed{seed}"
+        self.name = (f"assoc-recall-n{n_docs}-s{n_segments}x{segment_len}-p{num_pairs}-seed{seed}"
+                     + (f"-inwin{in_window:g}" if in_window else ""))
         self.pad_id = 0
 
     @property
@@ -89,6 +102,13 @@ class AssociativeRecallCorpus:
         q = self._query_start()
         toks[q - 1] = self.QUERY
         toks[q : q + 2 * p : 2], toks[q + 1 : q + 2 * p : 2] = keys[order], values[order]
+        if self.in_window:
+            move = np.random.default_rng([seed, i, 1])  # its own stream: the other documents stay unchanged
+            if move.random() < self.in_window:
+                last = (s - 1) * l  # first token of the last segment; the pairs must end before the marker
+                start = last + int(move.integers(0, q - 1 - 2 * p - last + 1))
+                toks[start : start + 2 * p] = toks[: 2 * p].copy()
+                toks[: 2 * p] = self.filler_base + move.integers(0, nf, size=2 * p)
         return toks.astype(np.int32)
 
     def doc_loss_mask(self, i: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`memlm eval babilong | babilong-score | pg19` (memlm/cli.py registers them through ``add_eval_commands``).
+"""`memlm eval babilong | babilong-score | pg19 | recall` (memlm/cli.py registers them through ``add_eval_commands``).
 
 Bad input (unknown task or length, a malformed data file, a PG-19 tree without metadata.csv, ...) raises
 UserError, which the CLI prints as one line with exit code 2. Inputs are validated before the model is
@@ -367,8 +367,28 @@ def cmd_pg19(args) -> int:
     return 0
 
 
+def cmd_recall(args) -> int:
+    from memlm import config as config_lib
+    from memlm.eval.recall import recall_accuracy
+
+    if args.docs < 1:
+        raise UserError(f"--docs: {args.docs} is not a positive number of documents")
+    run_cfg = config_lib.read_run_config(args.run)
+    if run_cfg.data.source != "assoc_recall":
+        raise UserError(f"{os.path.join(args.run, 'config.yaml')}: data.source is {run_cfg.data.source!r}; "
+                        "`memlm eval recall` scores runs trained with data.source=assoc_recall")
+    lm = _load_model(args.run, args.step)
+    result = {"run": os.path.abspath(args.run), "step": int(lm.step), "model": run_cfg.model.kind,
+              **recall_accuracy(lm, n_docs=args.docs, split_seed=args.seed)}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def add_eval_commands(esub: argparse._SubParsersAction) -> None:
-    """Register `babilong`, `babilong-score` and `pg19` under `memlm eval`."""
+    """Register `babilong`, `babilong-score`, `pg19` and `recall` under `memlm eval`."""
     b = esub.add_parser(
         "babilong", help="BABILong accuracy by task and context length",
         description="Answer BABILong questions with greedy generation (the context streams through the "
@@ -430,3 +450,15 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--restart", action="store_true", help="discard results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pg19)
+
+    r = esub.add_parser(
+        "recall", help="associative-recall answer accuracy (runs trained with data.source=assoc_recall)",
+        description="Greedy answer accuracy on held-out recall documents of the run's own shape (segments, pairs), "
+                    "streamed segment by segment, every pair beyond the attention window (data.recall_in_window "
+                    "is a training curriculum only). Prints overall and per-answer accuracy and chance.")
+    r.add_argument("--run", required=True, help="run directory")
+    r.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    r.add_argument("--docs", type=int, default=512, help="held-out documents (default 512)")
+    r.add_argument("--seed", type=int, default=1, help="held-out document seed (default 1; training uses 0)")
+    r.add_argument("--out", default=None, help="also write the result JSON here")
+    r.set_defaults(func=cmd_recall)

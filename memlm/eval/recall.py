@@ -8,14 +8,17 @@ import numpy as np
 def recall_accuracy(lm, n_docs: int = 256, split_seed: int = 1, batch: int = 32) -> dict:
     """Greedy answer accuracy of a loaded model (memlm.load) on held-out recall documents.
 
-    Uses the run's own data settings (segments, pairs); documents come from `split_seed` (training uses 0).
-    Returns {"accuracy", "first_answer_accuracy", "n_answers", "chance"}.
+    Uses the run's own data settings (segments, pairs); documents come from `split_seed` (training uses 0), all
+    with the pairs beyond the attention window (data.recall_in_window only shapes training).
+    Returns {"accuracy", "first_answer_accuracy", "per_answer" (accuracy of the 1st, 2nd, ... recalled value:
+    a model that stores the set of values but not their keys gets 1/P on the first), "n_answers", "chance"}.
     """
     from memlm.data.synthetic import AssociativeRecallCorpus
 
     d = lm.config.data
     corpus = AssociativeRecallCorpus(n_docs, d.n_segments, d.segment_len, num_pairs=d.recall_pairs, seed=split_seed)
     correct, first, total = 0, 0, 0
+    per_answer = np.zeros(d.recall_pairs)
     for start in range(0, n_docs, batch):
         ids = range(start, min(start + batch, n_docs))
         docs = np.stack([corpus.doc(i) for i in ids])
@@ -25,5 +28,6 @@ def recall_accuracy(lm, n_docs: int = 256, split_seed: int = 1, batch: int = 32)
         correct += int(hit.sum())
         total += int(masks.sum())
         first += int(hit[np.arange(len(ids)), masks.argmax(1)].sum())
-    return {"accuracy": correct / total, "first_answer_accuracy": first / n_docs, "n_answers": total,
-            "chance": 1.0 / 16}
+        per_answer += hit[masks].reshape(len(ids), -1).sum(0)  # row-major: each document's answers in order
+    return {"accuracy": correct / total, "first_answer_accuracy": first / n_docs,
+            "per_answer": [round(float(x), 4) for x in per_answer / n_docs], "n_answers": total, "chance": 1.0 / 16}
