@@ -387,6 +387,12 @@ def cmd_recall(args) -> int:
     return 0
 
 
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    """--run and --step, the trained run every evaluation reads."""
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+
+
 def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     """Register `babilong`, `babilong-score`, `pg19` and `recall` under `memlm eval`."""
     b = esub.add_parser(
@@ -394,8 +400,7 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
         description="Answer BABILong questions with greedy generation (the context streams through the "
                     "memory) and write the results JSON, per-sample JSONL, native CSVs, a task x length CSV, a "
                     "heatmap and an accuracy-vs-length plot to --out. Rerunning resumes.")
-    b.add_argument("--run", required=True, help="run directory")
-    b.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    _add_run_args(b)
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="released BABILong data (data/qaN/LEN.json or parquet)")
     src.add_argument("--generate", action="store_true",
@@ -434,8 +439,7 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
         description="Stream every book of a PG-19-layout split through the model (fresh memory per book) and "
                     "write pg19_SPLIT.json (token, word and byte perplexity, bits per byte, perplexity by "
                     "segment index), a per-book JSONL and a plot to --out. Rerunning resumes.")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    _add_run_args(p)
     p.add_argument("--data", required=True, metavar="PG19_DIR", help="metadata.csv + train/ validation/ test/")
     p.add_argument("--split", default="validation", choices=("validation", "test"))
     p.add_argument("--out", required=True, help="output directory")
@@ -456,8 +460,7 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
         description="Greedy answer accuracy on held-out recall documents of the run's own shape (segments, pairs), "
                     "streamed segment by segment, every pair beyond the attention window (data.recall_in_window "
                     "is a training curriculum only). Prints overall and per-answer accuracy and chance.")
-    r.add_argument("--run", required=True, help="run directory")
-    r.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    _add_run_args(r)
     r.add_argument("--docs", type=int, default=512, help="held-out documents (default 512)")
     r.add_argument("--seed", type=int, default=1, help="held-out document seed (default 1; training uses 0)")
     r.add_argument("--out", default=None, help="also write the result JSON here")
