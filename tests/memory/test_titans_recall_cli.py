@@ -7,8 +7,8 @@ in-window curriculum: half the training documents hold their pairs inside the qu
 their pairs beyond the window. The same MAC without its neural memory, trained identically, must stay near
 chance: it learns the binding in-window too, but nothing carries segment 0 to segment 1.
 
-Measured (1-device processes, in-process equivalent `python scripts/recall_diagnosis.py mac-scratch --steps 10000
---lr 1e-3 --in-window 0.5`): see BENCHMARKS.md "Titans" (session 10).
+Measured: see BENCHMARKS.md "Titans" (session 10; in-process equivalent `python scripts/recall_diagnosis.py
+mac-scratch --steps 10000 --lr 1e-3 --in-window 0.5`).
 """
 
 import json
@@ -23,11 +23,14 @@ CONFIG = "configs/tiny/titans_mac_recall.yaml"
 CHANCE = 1 / 16
 
 
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # as a user on one CPU (and the measured runs)
+
+
 def _train_and_score(run_dir, *extra) -> dict:
-    r = run_memlm("train", CONFIG, f"run.dir={run_dir}", "train.progress=false", *extra, timeout=5400)
+    r = run_memlm("train", CONFIG, f"run.dir={run_dir}", "train.progress=false", *extra, timeout=5400, env=ONE_DEVICE)
     assert r.returncode == 0, r.stderr[-3000:]
     out = run_dir / "recall.json"
-    r = run_memlm("eval", "recall", "--run", str(run_dir), "--out", str(out), timeout=900)
+    r = run_memlm("eval", "recall", "--run", str(run_dir), "--out", str(out), timeout=900, env=ONE_DEVICE)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
 
