@@ -27,12 +27,12 @@ def get_corpus(cfg, split: str, tokenizer):
 
         seed = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
         in_window = d.recall_in_window if split == "train" else 0.0
-        if in_window and 4 * d.recall_pairs + 1 > d.segment_len:
-            raise UserError(f"data.recall_in_window={in_window}: the last segment must hold the pairs, the query "
-                            f"marker and the queries: needs 4 * data.recall_pairs + 1 <= data.segment_len "
-                            f"({4 * d.recall_pairs + 1} > {d.segment_len})")
-        corpus = AssociativeRecallCorpus(d.synthetic_docs, d.n_segments, d.segment_len, num_pairs=d.recall_pairs,
-                                         seed=seed, in_window=in_window)
+        try:
+            corpus = AssociativeRecallCorpus(d.synthetic_docs, d.n_segments, d.segment_len,
+                                             num_pairs=d.recall_pairs, seed=seed, in_window=in_window)
+        except ValueError as e:  # the document does not fit the segments: name the config keys involved
+            raise UserError(f"data.recall_pairs={d.recall_pairs}, data.recall_in_window={in_window}, "
+                            f"data.segment_len={d.segment_len}, data.n_segments={d.n_segments}: {e}") from None
         if corpus.vocab_needed > cfg.model.vocab_size:
             raise UserError(f"model.vocab_size={cfg.model.vocab_size} < {corpus.vocab_needed} needed by assoc_recall")
         return corpus

@@ -47,12 +47,17 @@ def test_in_window_bounds():
         AssociativeRecallCorpus(8, S, 8, num_pairs=2, in_window=0.5)
 
 
-def test_cli_names_the_key_when_the_segment_cannot_hold_the_in_window_pairs(tmp_path):
+@pytest.mark.parametrize("args, needle", [
+    (["data.recall_pairs=2", "data.recall_in_window=0.5"], "4*num_pairs+1"),  # the in-window block does not fit
+    (["data.recall_pairs=4", "data.recall_in_window=0"], "2*num_pairs+1"),    # the pairs alone do not fit
+])
+def test_cli_names_the_keys_when_the_segment_cannot_hold_the_document(tmp_path, args, needle):
     from tests.core.cli_utils import run_memlm
 
     r = run_memlm("train", "configs/tiny/baseline.yaml", "data.source=assoc_recall", "data.segment_len=8",
-                  "data.n_segments=2", "data.recall_pairs=2", "data.recall_in_window=0.5", "train.steps=1",
-                  f"run.dir={tmp_path / 'run'}", timeout=300)
+                  "data.n_segments=2", *args, "train.steps=1", f"run.dir={tmp_path / 'run'}", timeout=300)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and "data.recall_in_window" in lines[0] and "data.segment_len" in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("memlm: error: data.recall_pairs="), r.stderr
+    assert "data.recall_in_window" in lines[0] and "data.segment_len=8" in lines[0] and needle in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
