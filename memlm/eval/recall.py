@@ -17,17 +17,14 @@ def recall_accuracy(lm, n_docs: int = 256, split_seed: int = 1, batch: int = 32)
 
     d = lm.config.data
     corpus = AssociativeRecallCorpus(n_docs, d.n_segments, d.segment_len, num_pairs=d.recall_pairs, seed=split_seed)
-    correct, first, total = 0, 0, 0
-    per_answer = np.zeros(d.recall_pairs)
+    hits = np.zeros(d.recall_pairs)  # correct answers so far, per query position
     for start in range(0, n_docs, batch):
         ids = range(start, min(start + batch, n_docs))
         docs = np.stack([corpus.doc(i) for i in ids])
         masks = np.stack([corpus.doc_loss_mask(i) for i in ids]) > 0
         pred = lm.logits(docs[:, :-1]).argmax(-1)
-        hit = (pred == docs[:, 1:]) & masks
-        correct += int(hit.sum())
-        total += int(masks.sum())
-        first += int(hit[np.arange(len(ids)), masks.argmax(1)].sum())
-        per_answer += hit[masks].reshape(len(ids), -1).sum(0)  # row-major: each document's answers in order
-    return {"accuracy": correct / total, "first_answer_accuracy": first / n_docs,
-            "per_answer": [round(float(x), 4) for x in per_answer / n_docs], "n_answers": total, "chance": 1.0 / 16}
+        hits += (pred == docs[:, 1:])[masks].reshape(len(ids), -1).sum(0)  # row-major: each document's answers in order
+    per_answer = hits / n_docs
+    return {"accuracy": float(hits.sum()) / (n_docs * d.recall_pairs), "first_answer_accuracy": float(per_answer[0]),
+            "per_answer": [round(float(x), 4) for x in per_answer], "n_answers": n_docs * d.recall_pairs,
+            "chance": 1.0 / 16}
