@@ -10,9 +10,13 @@ M is a bias-free MLP (depth 1: M(x) = x W; deeper: SiLU or GELU between layers),
 
 Dispatch: implementation=None picks the Pallas kernel of `jax.default_backend()` (gpu -> 'triton',
 tpu -> 'mosaic'), otherwise 'xla'. A Pallas path that cannot run (CPU without interpret, unsupported shapes)
-falls back to 'xla' with one log line. Deep memory (depth >= 2): the kernels of triton_deep.py / tpu_deep.py run
-only when asked for (implementation='triton' / 'mosaic'); the automatic choice stays 'xla' until they are
-measured on a GPU / TPU. 'reference' is the token loop (tests only).
+falls back to 'xla' with one log line; on a GPU that includes shapes larger than the ones measured to fit
+Triton's shared memory (`check_measured_fit` of triton.py / triton_deep.py: a Triton kernel over the limit
+fails only at run time, after dispatch). Deep memory (depth >= 2): the kernels of triton_deep.py / tpu_deep.py run
+only when asked for (implementation='triton' / 'mosaic'); the automatic choice stays 'xla' (on an H200 the
+deep Triton kernel's forward + backward was only 1.10x XLA's where it fit, and it does not fit MAG's d 128
+memory; BENCHMARKS.md "GPU (H200)", session 11; the Mosaic one is not measured on a TPU).
+'reference' is the token loop (tests only).
 """
 from __future__ import annotations
 
@@ -146,8 +150,12 @@ def chunked_memory(
                                               f"on an accelerator yet, implementation='{impl}' selects it")
                 dims = [params[0].shape[1]] + [w.shape[2] for w in params]
                 module.check_supported(q.shape, v.shape, dims, chunk_size, interpret)
+                if impl == "triton" and not interpret:
+                    module.check_measured_fit(dims, chunk_size)
             else:
                 module.check_supported(q.shape, v.shape, len(params), chunk_size, interpret)
+                if impl == "triton" and not interpret:
+                    module.check_measured_fit(q.shape, v.shape, chunk_size)
         except NotImplementedError as err:
             logger.info("chunked_memory: %s kernel unavailable (%s); falling back to xla", impl, err)
         else:

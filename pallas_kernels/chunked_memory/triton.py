@@ -25,7 +25,8 @@ falls back to XLA). `interpret=True` runs the same kernels on CPU for tests.
 Measured on an H200 (jax 0.11.2, 2026-11-26, `scripts/gpu_check.py`; BENCHMARKS.md "GPU (H200)"): output,
 final state and gradients within 3.5e-4 / 4.5e-4 relative of the float32 token loop at precision 'highest'
 (the XLA path: the same, both at TF32 matmul precision); at 4096-8192 tokens, d 64, chunk 64: 24-30x
-faster than the sequential token loop and 1.3-2.0x faster than the XLA chunked path.
+faster than the sequential token loop and 1.3-2.0x faster than the XLA chunked path. Chunks of 64 at d 128
+overflow Triton's shared memory (session 11): api.py runs XLA for shapes outside MEASURED_FIT.
 """
 from __future__ import annotations
 
@@ -69,6 +70,25 @@ def check_supported(q_shape, v_shape, depth: int, chunk_size: int, interpret: bo
                                   f"got {(T, d, dv, chunk_size)}")
     if min(d, dv, chunk_size) < 16:
         raise NotImplementedError("triton chunked_memory: d_k, d_v / v_blocks, chunk_size must be >= 16 (tl.dot)")
+
+
+# Per-program shapes (chunk_size, d_k, d_v / v_blocks) that compiled and ran on an H200 (Triton of jax 0.11.2,
+# default num_warps, 2026-11-26): chunks of 64 at d 64 and chunks of 32 at d 128 (and all smaller shapes).
+# Chunks of 64 at d 128 asked Triton for 262,144 bytes of shared memory, over the 232,448 available
+# (BENCHMARKS.md "GPU (H200)", session 11), and the failure only shows when XLA runs the compiled kernel.
+MEASURED_FIT = ((64, 64, 64), (32, 128, 128))
+
+
+def check_measured_fit(q_shape, v_shape, chunk_size: int, v_blocks: int = 1) -> None:
+    """Raise NotImplementedError unless one program's shape is within one that ran on a GPU (MEASURED_FIT).
+
+    api.py calls this before choosing the compiled kernel, so a shape Triton may not fit in shared memory runs
+    on XLA (with a log line) instead of failing at run time; calling chunked_memory_triton directly skips it
+    (scripts/gpu_check.py uses that to measure new shapes)."""
+    shape = (chunk_size, q_shape[-1], v_shape[-1] // v_blocks)
+    if not any(all(n <= m for n, m in zip(shape, fit)) for fit in MEASURED_FIT):
+        raise NotImplementedError(f"triton chunked_memory: (chunk_size, d_k, d_v / v_blocks) = {shape} is larger "
+                                  f"than every shape measured to fit a GPU's shared memory {MEASURED_FIT}")
 
 
 # ------------------------------------------------------------------------------------------- kernels

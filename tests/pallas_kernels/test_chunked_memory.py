@@ -457,3 +457,26 @@ def test_bench_runs_and_agrees():
     assert res["max_abs_diff_state"] <= F32_TOL * max(1.0, res["max_abs_state"])
     assert res["finite_grad"] and res["sequential_fwd_bwd_s"] > 0 and res["chunked_fwd_bwd_s"] > 0
     assert res["max_abs_diff_grad"] <= F32_TOL * max(1.0, res["max_abs_grad"])
+
+
+@pytest.mark.parametrize("depth, d, chunk, fits", [
+    (1, 64, 64, True), (1, 128, 32, True), (1, 128, 64, False),  # linear: d 128 x chunk 64 overflowed on an H200
+    (2, 64, 16, True), (2, 64, 64, False), (2, 128, 16, False),  # deep: only d 64 / hidden 128 / chunk 16 ran
+])
+def test_api_gpu_dispatch_keeps_shapes_triton_did_not_fit(depth, d, chunk, fits, caplog, monkeypatch):
+    """On a GPU, api.chunked_memory sends a shape to Triton only if one at least as large in every dimension ran
+    there (Triton's shared-memory overflow shows only when the compiled kernel runs, too late to fall back).
+    Traced with eval_shape (no GPU here): the chosen path shows in the log."""
+    monkeypatch.setattr(api, "_pallas_for_backend", lambda backend: "triton")
+    args = make(depth, T=2 * chunk, d=d, batch=1)
+    with caplog.at_level(logging.INFO, logger=api.__name__):
+        jax.eval_shape(functools.partial(api.chunked_memory, chunk_size=chunk, implementation="triton"), *args)
+    fell_back = [r.getMessage() for r in caplog.records if "falling back to xla" in r.getMessage()]
+    if fits:
+        assert not fell_back
+    else:
+        assert len(fell_back) == 1 and "measured to fit" in fell_back[0]
+    caplog.clear()  # calling the kernel directly (how gpu_check measures new shapes) skips the check
+    kernel = triton.chunked_memory_triton if depth == 1 else triton_deep.chunked_memory_triton_deep
+    jax.eval_shape(functools.partial(kernel, chunk_size=chunk), *args)
+    assert not caplog.records
