@@ -448,6 +448,8 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  ("titans_mag_c64", TINY + "titans_mag.yaml", "model.titans.chunk_size=64"),
                  ("titans_mag_linear_c64", TINY + "titans_mag.yaml",
                   "model.titans.memory_depth=1;model.titans.chunk_size=64"),
+                 # since session 11 api.py runs XLA (with a log line) for shapes outside the Triton kernels'
+                 # MEASURED_FIT, which the three rows below are at d512: they then time the XLA path
                  ("titans_mag_triton", TINY + "titans_mag.yaml", "model.titans.implementation=triton"),
                  # the XLA chunk loop 8 chunks per iteration: 4 loop iterations per segment instead of 32, each
                  # a host round trip on a GPU (session 8)
