@@ -449,7 +449,8 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  ("titans_mag_linear_c64", TINY + "titans_mag.yaml",
                   "model.titans.memory_depth=1;model.titans.chunk_size=64"),
                  # since session 11 api.py runs XLA (with a log line) for shapes outside the Triton kernels'
-                 # MEASURED_FIT, which the three rows below are at d512: they then time the XLA path
+                 # MEASURED_FIT: at d512 titans_mag_linear_c64, titans_mag_triton and titans_mag_triton_c64 are
+                 # outside it, so they now time the XLA path
                  ("titans_mag_triton", TINY + "titans_mag.yaml", "model.titans.implementation=triton"),
                  # the XLA chunk loop 8 chunks per iteration: 4 loop iterations per segment instead of 32, each
                  # a host round trip on a GPU (session 8)
@@ -549,6 +550,94 @@ def section_model_compare() -> dict:
             print(f"model_compare {key}: {out[key]}", flush=True)
         for b in mine.values():  # free the device buffers before the next width
             b.params = b.opt = b.carry = b.compiled = None
+    return out
+
+
+PROFILE_ROWS = ("baseline", "titans_mag", "titans_mag_c64", "titans_mag_no_memory")
+
+
+def _kernel_family(name: str) -> str:
+    """'loop_multiply_fusion.12' -> 'loop_multiply_fusion': one entry per kind of kernel, not per instance."""
+    prev = None
+    while prev != name:
+        prev, name = name, re.sub(r"[._]\d+$", "", name)
+    return name
+
+
+def trace_summary(trace_dir: str, n_steps: int) -> dict:
+    """Per-step kernel statistics from a jax.profiler perfetto trace: how many kernels the device ran, how long
+    it was busy (union of kernel intervals), and the kernel families that took the most time. A step whose busy
+    time is far under its wall time is bound by launches and host work, not by the kernels themselves.
+    Device rows are the trace's '/device:...' processes; without any (CPU), the XLA worker threads of '/host:CPU'."""
+    import glob
+    import gzip
+    from collections import defaultdict
+
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    trace = json.load(gzip.open(path))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    meta = [e for e in events if e.get("ph") == "M"]
+    procs = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e.get("name") == "thread_name"}
+    on_device = {pid for pid, name in procs.items() if name.startswith("/device:")}
+    if on_device:  # the CUDA streams; other rows of a device process (e.g. "XLA Ops") repeat the same kernels
+        rows = {key for key in threads if key[0] in on_device}
+        streams = {key for key in rows if threads[key].startswith("Stream")}
+        rows = streams or rows
+    else:
+        rows = {key for key, name in threads.items() if name.startswith("tf_XLAEigen")}
+    keep = lambda e: (e["pid"], e["tid"]) in rows or (not rows and e["pid"] in on_device)
+    kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and keep(e)]
+    busy, end = 0.0, float("-inf")
+    for e in sorted(kernels, key=lambda e: float(e["ts"])):  # union of [ts, ts + dur] intervals, in us
+        t0, t1 = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        busy += max(0.0, t1 - max(t0, end))
+        end = max(end, t1)
+    fam = defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        f = fam[_kernel_family(e["name"])]
+        f[0] += 1
+        f[1] += float(e["dur"])
+    top = sorted(fam.items(), key=lambda kv: -kv[1][1])[:20]
+    return dict(rows=sorted(f"{procs.get(pid, pid)}/{threads[pid, tid]}" for pid, tid in rows),
+                kernels_per_step=len(kernels) / n_steps,
+                busy_ms_per_step=busy / 1e3 / n_steps, kernel_ms_per_step=sum(float(e["dur"]) for e in kernels) / 1e3
+                / n_steps, top_families=[dict(name=k[:80], per_step=c / n_steps, ms_per_step=t / 1e3 / n_steps)
+                                         for k, (c, t) in top])
+
+
+def section_mag_profile() -> dict:
+    """Where a MAG training step's GPU time goes, from a profiler trace of 3 steps per row (d512 width, as in
+    model_compare): kernels per step, device busy time against wall time, the top kernel families. MAG without
+    memory and the baseline beside it say which kernels the neural memory adds."""
+    import importlib.util
+    import tempfile
+
+    sys.argv = ["bench.py"]
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(os.path.dirname(__file__), "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = "train.batch_size=2" if SMOKE else GPU_MODEL
+    seg, n = (64, 2) if SMOKE else (512, 4)
+    out, steps = {}, 3
+    for name, path, extra in compare_configs("d512"):
+        if name not in PROFILE_ROWS:
+            continue
+        try:
+            b = bench._Bench(path, [o for o in (model + ";" + extra).split(";") if o], seg, n)
+            b.run(2, record=False)
+            trace_dir = tempfile.mkdtemp(prefix="mag_profile_")
+            t0 = time.perf_counter()
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                b.run(steps, record=False)
+            wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+            row = dict(wall_ms_per_step=wall_ms, **trace_summary(trace_dir, steps))
+            row["busy_fraction"] = row["busy_ms_per_step"] / wall_ms
+            out[name] = row
+            b.params = b.opt = b.carry = b.compiled = None
+        except Exception as e:
+            out[name] = dict(error=f"{type(e).__name__}: {e}"[:400])
+        print(f"mag_profile {name}: {json.dumps(out[name])[:600]}", flush=True)
     return out
 
 
@@ -660,6 +749,7 @@ SECTIONS = {
     "recall_long": section_recall_long,
     "model_compare": section_model_compare,
     "unroll_sweep": section_unroll_sweep,
+    "mag_profile": section_mag_profile,
 }
 
 
