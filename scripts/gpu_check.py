@@ -484,16 +484,41 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
     return rows
 
 
-def section_model_compare() -> dict:
-    """Train-step time per token of each memory model against the segment-local baseline, at two widths, in one
-    process: every config lowered, all compiled at once in a thread pool, then timed round-robin per width."""
-    sys.argv = ["bench.py"]
+def _load_bench():
+    """scripts/bench.py as a module (its _Bench builds, compiles and times one config's train step)."""
     import importlib.util
-    from concurrent.futures import ThreadPoolExecutor
 
+    sys.argv = ["bench.py"]
     spec = importlib.util.spec_from_file_location("bench", os.path.join(os.path.dirname(__file__), "bench.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def _compile_all(benches: dict, out: dict, workers: int) -> None:
+    """Compile the lowered _Bench objects at once in a thread pool; one that fails is moved from benches to
+    out[key] = {"error": ...} so the others still run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def compile_one(item):
+        key, b = item
+        try:
+            b.compile()
+            return key, None
+        except Exception as e:
+            return key, f"{type(e).__name__}: {e}"[:400]
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for key, err in pool.map(compile_one, list(benches.items())):
+            if err:
+                out[key] = dict(error=err)
+                benches.pop(key)
+
+
+def section_model_compare() -> dict:
+    """Train-step time per token of each memory model against the segment-local baseline, at two widths, in one
+    process: every config lowered, all compiled at once in a thread pool, then timed round-robin per width."""
+    bench = _load_bench()
     widths = {"d512": GPU_MODEL, "gpt2s": GPT2S_MODEL}
     if SMOKE:
         widths = {"d512": "train.batch_size=2", "gpt2s": "train.batch_size=2;model.vocab_size=1000"}
@@ -514,20 +539,7 @@ def section_model_compare() -> dict:
                 out[key] = dict(error=f"{type(e).__name__}: {e}"[:400])
     out["lower_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-
-    def compile_one(item):
-        key, b = item
-        try:
-            b.compile()
-            return key, None
-        except Exception as e:
-            return key, f"{type(e).__name__}: {e}"[:400]
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for key, err in pool.map(compile_one, list(benches.items())):
-            if err:
-                out[key] = dict(error=err)
-                benches.pop(key)
+    _compile_all(benches, out, workers=8)
     out["compile_wall_s"] = round(time.perf_counter() - t0, 1)
     print(f"model_compare: lowered in {out['lower_s']} s, compiled {len(benches)} in {out['compile_wall_s']} s",
           flush=True)
@@ -610,15 +622,9 @@ def section_mag_profile() -> dict:
     """Where a MAG training step's GPU time goes, from a profiler trace of 3 steps per row (d512 width, as in
     model_compare): kernels per step, device busy time against wall time, the top kernel families. MAG without
     memory and the baseline beside it say which kernels the neural memory adds."""
-    import importlib.util
     import tempfile
 
-    sys.argv = ["bench.py"]
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(os.path.dirname(__file__), "bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    from concurrent.futures import ThreadPoolExecutor
-
+    bench = _load_bench()
     model = "train.batch_size=2" if SMOKE else GPU_MODEL
     seg, n = (64, 2) if SMOKE else (512, 4)
     out, steps, benches = {}, 3, {}
@@ -630,21 +636,8 @@ def section_mag_profile() -> dict:
             except Exception as e:
                 out[name] = dict(error=f"{type(e).__name__}: {e}"[:400])
 
-    def compile_one(item):
-        name, b = item
-        try:
-            b.compile()
-            return name, None
-        except Exception as e:
-            return name, f"{type(e).__name__}: {e}"[:400]
-
-    with ThreadPoolExecutor(max_workers=4) as pool:  # compiling is most of this section's time
-        for name, err in pool.map(compile_one, list(benches.items())):
-            if err:
-                out[name] = dict(error=err)
+    _compile_all(benches, out, workers=4)  # compiling is most of this section's time
     for name, b in benches.items():
-        if name in out:
-            continue
         try:
             b.run(steps)  # untraced step times (after its own warm-up), beside the traced ones
             trace_dir = tempfile.mkdtemp(prefix="mag_profile_")
