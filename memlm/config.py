@@ -135,6 +135,12 @@ class TitansConfig(_Strict):
         "ignore it): unrolling trades compile time and ~8% memory for speed; a fully unrolled 512-token segment made "
         "a MAG step 8-12% faster on an H200, no measured effect on CPU")
     memory_layers: list[int] | None = Field(None, description="layers with memory (None = all)")
+    pipeline_layers: bool = Field(
+        False, description="training: run the (layer, segment) grid by anti-diagonals, all layers of a wave in one "
+        "vmapped call (n_segments + n_layers - 1 sequential block calls instead of n_segments x n_layers; the same "
+        "values: memlm/memory/titans_pipeline.py). For accelerators, where MAG's step is bound by small per-chunk "
+        "kernels; needs every layer to have a memory (or none). Holds up to n_layers layers' activations at once "
+        "and does not apply segment_remat to the layers (tiny MAG, remat=full: 2.4x the temporaries)")
     implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
         "auto", description="chunked-memory kernel (auto: Pallas on GPU/TPU where supported, else XLA; deep "
         "memory stays on XLA under auto (its Triton kernel was no faster on an H200 where it fit; Mosaic is "

@@ -461,6 +461,11 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                   "model.titans.chunk_size=64;model.titans.scan_unroll=8"),
                  ("titans_mag_triton_c64", TINY + "titans_mag.yaml",
                   "model.titans.implementation=triton;model.titans.chunk_size=64"),
+                 # the layers pipelined over segments (session 12): 4 + 4 - 1 = 7 sequential block calls, the active
+                 # layers' chunk loops batched into one, instead of 16 (titans_pipeline.py; equal values, tested)
+                 ("titans_mag_pipelined", TINY + "titans_mag.yaml", "model.titans.pipeline_layers=true"),
+                 ("titans_mag_c64_unroll8_pipelined", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.titans.pipeline_layers=true"),
                  # the tiny configs clip inner gradients since session 9; session 5's 11.9x was without the clip
                  ("titans_mag_no_clip", TINY + "titans_mag.yaml", "model.titans.inner_grad_clip=0.0"),
                  ("baseline_full_attention", TINY + "baseline.yaml", "")]
@@ -473,6 +478,8 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  ("titans_mag_paper_triton", TINY + "titans_mag.yaml",
                   paper_mag + ";model.titans.implementation=triton"),
                  ("titans_mag_paper_unroll8", TINY + "titans_mag.yaml", paper_mag + ";model.titans.scan_unroll=8"),
+                 ("titans_mag_paper_unroll8_pipelined", TINY + "titans_mag.yaml",
+                  paper_mag + ";model.titans.scan_unroll=8;model.titans.pipeline_layers=true"),
                  ("baseline_full_attention", TINY + "baseline.yaml", "")]
     # with the per-layer remat of the paper configs, with and without the per-segment checkpoint
     # (model.segment_remat=false: one forward fewer per step); ratios against the baseline with the same remat
@@ -565,7 +572,7 @@ def section_model_compare() -> dict:
     return out
 
 
-PROFILE_ROWS = ("baseline", "titans_mag", "titans_mag_c64", "titans_mag_no_memory")
+PROFILE_ROWS = ("baseline", "titans_mag", "titans_mag_c64", "titans_mag_no_memory", "titans_mag_c64_unroll8_pipelined")
 
 
 def _kernel_family(name: str) -> str:

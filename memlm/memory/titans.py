@@ -40,6 +40,7 @@ from flax import nnx
 
 from memlm.errors import UserError
 from memlm.memory.titans_layers import AttnContext, TitansBlock
+from memlm.memory.titans_pipeline import pipelined_loss
 from memlm.models.decoder import _REMAT_POLICIES, Decoder, make_stacked_blocks
 from memlm.models.lm import register_model
 from memlm.models.segments import segment_major, segments_lm_loss
@@ -59,6 +60,9 @@ def _check(cfg) -> list[int]:
         raise UserError(f"model.titans.memory_layers {bad} out of range for model.n_layers={cfg.n_layers}")
     if tc.memory_layers is not None and len(layers) != len(tc.memory_layers):
         raise UserError(f"model.titans.memory_layers {tc.memory_layers} lists a layer twice")
+    if tc.pipeline_layers and 0 < len(layers) < cfg.n_layers:
+        raise UserError(f"model.titans.pipeline_layers needs every layer to have a memory or none; "
+                        f"memory_layers is {tc.memory_layers} of {cfg.n_layers} layers")
     return layers
 
 
@@ -268,6 +272,8 @@ class Titans(nnx.Module):
 
     # ---- training / inference ----------------------------------------------------------------------------
     def loss(self, carry, batch, bptt_depth: int = -1):
+        if self.cfg.titans.pipeline_layers:  # the same values, the layers run by anti-diagonals (titans_pipeline.py)
+            return pipelined_loss(self, carry, batch, bptt_depth)
         init = self.init_carry(batch["tokens"].shape[0])
         loss_sum, count, stats, carry = segments_lm_loss(self.segment_hidden, self.decoder.head, carry, init,
                                                          segment_major(batch["tokens"]), batch, batch["loss_mask"],

@@ -369,6 +369,80 @@ def test_scan_unroll_reaches_the_chunk_loop():
     assert counts[2] < counts[1], counts
 
 
+# ------------------------------------------------------------------------------------- layer pipelining
+def _loss_and_grads(variant: str, pipeline: bool, remat: str, titans: dict, n_layers: int = 3):
+    """(loss, final carry, stats, parameter gradients) of one batch with a document starting mid-batch (row 1,
+    segment 2), truncated BPTT every 3 segments, and an incoming carry that is not init_carry."""
+    cfg, m = make("titans", seg_len=SEG, n_seg=NSEG, n_layers=n_layers, remat=remat,
+                  titans={**BASE, "variant": variant, "pipeline_layers": pipeline, **titans})
+    gd, params = nnx.split(m)
+    batch = make_batch(cfg, seed=1)
+    batch["reset"] = batch["reset"].at[1, 2].set(True)
+    carry = nnx.merge(gd, params).init_carry(2)
+    carry = jax.tree.map(lambda x: x + 0.1 if x.dtype == jnp.float32 else x, carry)
+
+    def loss(p):
+        loss_sum, n, c, stats = nnx.merge(gd, p).loss(carry, batch, 3)
+        return loss_sum / n, (c, stats)
+
+    (value, (c, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, c, stats, grads
+
+
+@pytest.mark.parametrize("variant,remat,titans", [
+    ("mag", "none", {}), ("mal", "none", {"gates": "per_chunk"}), ("mac", "none", {}),
+    ("mag", "full", {}),  # segment_remat: each wave checkpointed
+    ("mac", "dots", {"num_longterm": 3}),
+    ("mag", "none", {"memory_layers": []}),  # no memory at all: only the KV tails are carried
+])
+def test_pipelined_layers_equal_the_segment_major_order(variant, remat, titans):
+    """titans.pipeline_layers runs the (layer, segment) grid by anti-diagonals: loss, final carry, memory stats
+    and every parameter gradient equal the segment-by-segment order's (float32 round-off)."""
+    ref = _loss_and_grads(variant, False, remat, titans)
+    out = _loss_and_grads(variant, True, remat, titans)
+    np.testing.assert_allclose(float(out[0]), float(ref[0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert out[2].keys() == ref[2].keys()
+    for k in ref[2]:
+        np.testing.assert_allclose(float(out[2][k]), float(ref[2][k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    g_max = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref[3]))
+    assert g_max > 0
+    for a, b in zip(jax.tree.leaves(out[3]), jax.tree.leaves(ref[3])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * g_max)
+
+
+def _chunk_loop_runs(jaxpr, n_chunks: int) -> int:
+    """How many times a scan of length n_chunks (the memory's chunk loop) runs in a jaxpr: scans multiply their
+    body's count by their length; every other sub-jaxpr (pjit, remat, custom_vjp, ...) counts once."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        reps = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        if eqn.primitive.name == "scan" and reps == n_chunks:
+            total += 1
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    total += reps * _chunk_loop_runs(sub, n_chunks)
+    return total
+
+
+def test_pipelined_layers_run_the_chunk_loop_once_per_wave():
+    """3 layers x 4 segments: the step runs the memory's chunk loop (2 chunks per 8-token segment) 12 times in
+    the segment-major order (once per layer and segment) and n_segments + n_layers - 1 = 6 times pipelined
+    (once per wave, the active layers batched)."""
+    runs = {}
+    for pipe in (False, True):
+        cfg, m = make("titans", seg_len=SEG, n_seg=NSEG, n_layers=3,
+                      titans={**BASE, "variant": "mag", "pipeline_layers": pipe})
+        gd, params = nnx.split(m)
+        batch = make_batch(cfg, seed=1)
+        jaxpr = jax.make_jaxpr(lambda p, b, gd=gd: nnx.merge(gd, p).loss(nnx.merge(gd, p).init_carry(2), b)[0])
+        runs[pipe] = _chunk_loop_runs(jaxpr(params, batch).jaxpr, SEG // BASE["chunk_size"])
+    assert runs == {False: 12, True: 6}, runs
+
+
 # ------------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("override,key", [
     ("model.titans.chunk_size=7", "model.titans.chunk_size"),
@@ -386,6 +460,7 @@ def test_bad_config_exits_2_with_one_line(override, key, tmp_path):
     ({"memory_heads": 3, "chunk_size": 4}, "model.titans.memory_heads"),
     ({"memory_layers": [2], "chunk_size": 4}, "model.titans.memory_layers"),
     ({"memory_layers": [0, 0], "chunk_size": 4}, "model.titans.memory_layers"),
+    ({"memory_layers": [1], "pipeline_layers": True, "chunk_size": 4}, "model.titans.pipeline_layers"),
 ])
 def test_model_config_errors(titans, match):
     with pytest.raises(UserError, match=match):

@@ -1,0 +1,182 @@
+"""Titans training loss with the layers pipelined over segments (`model.titans.pipeline_layers: true`).
+
+Every Titans variant keeps its recurrent state per layer: layer l's memory (and MAG / MAL's KV tail) after
+segment s depends only on layer l's own state after segment s-1 and on layer l-1's output for segment s. No
+state flows from a higher layer back to a lower one across segments (unlike RMT, whose memory tokens leave the
+last layer and enter the first). So the (layer, segment) grid can run by anti-diagonals ("waves"): at wave w
+every layer l with 0 <= w - l < n_segments processes segment s = w - l, all of them in ONE vmapped call of the
+stacked block. That is n_segments + n_layers - 1 sequential block calls instead of n_segments x n_layers, and
+the chunked-memory recurrence inside them runs once per wave for all active layers together (a batch of
+up to n_layers times more sequences per chunk step). The arithmetic is exactly the segment-major order's
+(tested equal, loss and gradients); only the schedule changes. The point is accelerators, where MAG's step is
+dominated by many small per-chunk kernels (BENCHMARKS.md "GPU (H200)", session 11); on a CPU, which is
+FLOP-bound, it should not matter.
+
+The waves are traced as straight-line code (each wave slices the active layers' stacked parameters
+statically), so no layer computes outside its segments. Document resets and truncated BPTT (`train.bptt_depth`)
+apply per (layer, segment) exactly as run_segments applies them per segment. Needs every layer to be of one kind
+(all memory layers, the default, or none).
+
+Memory. A per-layer remat (`model.remat`) checkpoints each wave's vmapped block; plain jax.checkpoint did not hold
+in straight-line code (XLA scheduled the recomputations early: the temporaries of remat=none), so the
+recomputation runs inside a conditional fed by the cotangent (remat_after_cotangent). The layers' checkpoints of
+every (layer, segment) are kept, i.e. `model.segment_remat` is not applied to the layers (the head and loss are
+still checkpointed per segment under it), and a wave holds up to n_layers layers' activations at once: tiny MAG,
+4 layers x 4 segments of 128, remat=full: 294 vs 122 MiB of temporaries (BENCHMARKS.md "Titans", session 12).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memlm.memory.titans_layers import AttnContext
+from memlm.models.decoder import _REMAT_POLICIES
+from memlm.models.lm import token_loss
+from memlm.models.segments import reset_carry, segment_major
+
+
+def _layer_carry(model, carry: dict, layer: int) -> dict:
+    """Layer `layer`'s part of the model carry, as the block sees it: {"lc": {"kv": (k, v), "mem": {...}},
+    "seen": [B]} (batch-major, no layer axis)."""
+    at = lambda a: a[:, layer]
+    lc = {}
+    if model.n_tail:
+        lc["kv"] = (at(carry["kv_k"]), at(carry["kv_v"]))
+    if model.mem_layers:
+        depth = len(carry["mem_w"])
+        lc["mem"] = {"w": tuple(at(carry["mem_w"][f"w{i}"]) for i in range(depth)),
+                     "s": tuple(at(carry["mem_s"][f"w{i}"]) for i in range(depth)),
+                     "conv": {k: at(v) for k, v in carry["conv"].items()}}
+    return {"lc": lc, "seen": carry["seen"] if model.n_tail else None}
+
+
+def _model_carry(model, layers: list[dict]) -> dict:
+    """Inverse of _layer_carry over all layers (stacked on axis 1)."""
+    stack = lambda xs: jnp.stack(xs, axis=1)
+    out = {}
+    if model.n_tail:
+        out["kv_k"] = stack([c["lc"]["kv"][0] for c in layers])
+        out["kv_v"] = stack([c["lc"]["kv"][1] for c in layers])
+        out["seen"] = layers[-1]["seen"]  # every layer has seen the same segments by now
+    if model.mem_layers:
+        depth = len(layers[0]["lc"]["mem"]["w"])
+        out["mem_w"] = {f"w{i}": stack([c["lc"]["mem"]["w"][i] for c in layers]) for i in range(depth)}
+        out["mem_s"] = {f"w{i}": stack([c["lc"]["mem"]["s"][i] for c in layers]) for i in range(depth)}
+        out["conv"] = {k: stack([c["lc"]["mem"]["conv"][k] for c in layers]) for k in layers[0]["lc"]["mem"]["conv"]}
+    return out
+
+
+def remat_after_cotangent(fn, policy):
+    """jax.checkpoint(fn, policy) whose recomputation cannot start before the cotangent of fn's output exists.
+
+    In straight-line code (the waves are not a loop) XLA may schedule every checkpoint's recomputation early,
+    keeping all of them alive: with plain jax.checkpoint the pipelined tiny MAG step (4 layers x 4 segments,
+    remat=full) needed the temporaries of remat=none, 866 vs 127 MiB. Tying the saved residuals to the incoming
+    cotangent with an optimization barrier orders each recomputation after the backward reaches it."""
+    checkpointed = jax.checkpoint(fn, policy=policy)
+
+    @jax.custom_vjp
+    def f(*args):
+        return fn(*args)
+
+    def fwd(*args):
+        return jax.vjp(checkpointed, *args)
+
+    def bwd(vjp_fn, ct):
+        # a conditional whose predicate XLA cannot fold: its branch (the recomputation and the backward) runs as a
+        # unit once its operands, the cotangent included, exist (CPU XLA drops optimization barriers before
+        # scheduling, so a barrier alone did not hold the order)
+        first = jax.tree.leaves(ct)[0]
+        always = jnp.isfinite(first.ravel()[0]) | ~jnp.isfinite(first.ravel()[0])
+        dummy = jax.tree.map(jnp.zeros_like, jax.eval_shape(vjp_fn, ct))
+        return jax.lax.cond(always, lambda f, c: f(c), lambda f, c: dummy, vjp_fn, ct)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def pipelined_loss(model, carry: dict, batch: dict, bptt_depth: int = -1):
+    """Same contract and values as Titans.loss: (summed CE, positions, final carry, mean stats)."""
+    cfg = model.cfg
+    if len(model.runs) != 1:
+        raise ValueError("pipelined_loss needs every layer of one kind")  # Titans._check reports it to users
+    is_mem = model.runs[0][0]
+    blocks = model.decoder.blocks if is_mem else model.decoder.plain_blocks
+    graphdef, stacked = nnx.split(blocks)
+    n_layers = cfg.n_layers
+    tokens = segment_major(batch["tokens"])                       # [n, B, L]
+    targets, mask = segment_major(batch["targets"]), segment_major(batch["loss_mask"])
+    reset = segment_major(batch["reset"])                         # [n, B]
+    n, b, L = tokens.shape
+    init = model.init_carry(b)
+    dec = model.decoder
+    lc_dtypes = jax.tree.map(lambda a: a.dtype, _layer_carry(model, carry, 0)["lc"])  # kept across waves
+
+    def one_layer(st, h, ctx_arrays, lc):
+        return nnx.merge(graphdef, st)(h, {k: AttnContext(*v) for k, v in ctx_arrays.items()}, lc)
+
+    block = jax.vmap(one_layer)
+    if cfg.remat in _REMAT_POLICIES:
+        block = remat_after_cotangent(block, _REMAT_POLICIES[cfg.remat])
+
+    def wave(w: int, layers: list[dict], below: dict, x_w):
+        """One anti-diagonal: layers[l] = layer l's carry, below[l] = layer l-1's output for the segment layer l
+        runs now. Returns (layers, below for the next wave, the last layer's output or None, stats)."""
+        active = [l for l in range(n_layers) if 0 <= w - l < n]
+        layers, below = list(layers), dict(below)
+        ins, lcs, ctxs = [], [], []
+        for l in active:
+            s = w - l
+            c = layers[l]
+            if bptt_depth > 0 and s > 0 and s % bptt_depth == 0:  # run_segments' cut, per layer
+                c = jax.tree.map(jax.lax.stop_gradient, c)
+            c = reset_carry(c, _layer_carry(model, init, l), reset[s])
+            layers[l] = c
+            ctx = model._contexts({"seen": c["seen"]}, b, L)
+            ctxs.append({k: (a.q_pos, a.kv_pos, a.mask) for k, a in ctx.items()})
+            lcs.append(c["lc"])
+            if l == 0:
+                x = dec.add_positions(dec.embed(x_w), jnp.broadcast_to(jnp.arange(L), (b, L)))
+            else:
+                x = below[l]
+            ins.append(x)
+        lo, hi = active[0], active[-1] + 1
+        stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+        st = jax.tree.map(lambda a: a[lo:hi], stacked)
+        h, lc_new, stats = block(st, jnp.stack(ins), stack(ctxs), stack(lcs))
+        for i, l in enumerate(active):
+            new = jax.tree.map(lambda a, dt, i=i: a[i].astype(dt), lc_new, lc_dtypes)
+            seen = jnp.minimum(layers[l]["seen"] + L, model.n_tail) if model.n_tail else None
+            layers[l] = {"lc": new, "seen": seen}
+            if l + 1 < n_layers:
+                below[l + 1] = h[i]
+        top = h[len(active) - 1] if active[-1] == n_layers - 1 else None  # the last layer finished a segment
+        return layers, below, top, stats
+
+    dec_graph, dec_state = nnx.split(dec)
+
+    def head_loss(state, h, tgt, msk):
+        d = nnx.merge(dec_graph, state)
+        return token_loss(d.head(d.final_norm(h)), tgt, msk)
+
+    if cfg.remat_segments:  # one segment's logits alive at a time, as segments_lm_loss under segment_remat
+        head_loss = remat_after_cotangent(head_loss, jax.checkpoint_policies.nothing_saveable)
+    layers = [_layer_carry(model, carry, l) for l in range(n_layers)]
+    below, tops, stats = {}, [], []
+    for w in range(n + n_layers - 1):
+        x_w = tokens[min(w, n - 1)]
+        layers, below, top, st = wave(w, layers, below, x_w)
+        stats.append(st)
+        if top is not None:
+            tops.append(top)
+    if cfg.remat_segments:
+        sums = [head_loss(dec_state, t, targets[s], mask[s]) for s, t in enumerate(tops)]
+        loss_sum, count = sum(x[0] for x in sums), sum(x[1] for x in sums)
+    else:  # one head call over all segments, as segments_lm_loss
+        h = dec.final_norm(jnp.stack(tops))                       # [n, B, L, d]
+        logits = dec.head(jnp.swapaxes(h, 0, 1).reshape(b, n * L, -1))
+        loss_sum, count = token_loss(logits, batch["targets"].reshape(b, n * L), batch["loss_mask"].reshape(b, n * L))
+    mean_stats = {k: jnp.mean(jnp.concatenate([s[k].reshape(-1) for s in stats])) for k in stats[0]} if is_mem else {}
+    return loss_sum, count, _model_carry(model, layers), mean_stats
