@@ -22,13 +22,17 @@ in straight-line code (XLA scheduled the recomputations early: the temporaries o
 recomputation runs inside a conditional fed by the cotangent (remat_after_cotangent). The layers' checkpoints of
 every (layer, segment) are kept, i.e. `model.segment_remat` is not applied to the layers (the head and loss are
 still checkpointed per segment under it), and a wave holds up to n_layers layers' activations at once: tiny MAG,
-4 layers x 4 segments of 128, remat=full: 294 vs 122 MiB of temporaries (BENCHMARKS.md "Titans", session 12).
+4 layers x 4 segments of 128, remat=full: 309 vs 116 MiB of temporaries; configs/paper/titans_170m.yaml MAG 37.5 vs
+15.2 GiB per device (BENCHMARKS.md "Titans", session 12). Checkpointing whole waves as well (only carries and
+layer-to-layer activations between waves) did not lower it (40.6 GiB): a wave's own recomputation holds its
+active layers together.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from memlm.memory.titans_layers import AttnContext
@@ -68,13 +72,20 @@ def _model_carry(model, layers: list[dict]) -> dict:
     return out
 
 
+def _is_float0(x) -> bool:
+    return getattr(x, "dtype", None) == jax.dtypes.float0
+
+
 def remat_after_cotangent(fn, policy):
     """jax.checkpoint(fn, policy) whose recomputation cannot start before the cotangent of fn's output exists.
 
     In straight-line code (the waves are not a loop) XLA may schedule every checkpoint's recomputation early,
     keeping all of them alive: with plain jax.checkpoint the pipelined tiny MAG step (4 layers x 4 segments,
-    remat=full) needed the temporaries of remat=none, 866 vs 127 MiB. Tying the saved residuals to the incoming
-    cotangent with an optimization barrier orders each recomputation after the backward reaches it."""
+    remat=full) needed the temporaries of remat=none, 865 vs 116 MiB. XLA:CPU drops optimization barriers before
+    scheduling, so the backward runs as the branch of a conditional whose predicate XLA cannot fold and whose
+    operands include the cotangent: the branch (recomputation + backward) runs as a unit once the cotangent exists.
+    (On a GPU each such conditional reads its predicate on the host: one round trip per wave in the backward.)
+    Integer inputs and outputs (float0 cotangents) stay outside the conditional."""
     checkpointed = jax.checkpoint(fn, policy=policy)
 
     @jax.custom_vjp
@@ -85,13 +96,30 @@ def remat_after_cotangent(fn, policy):
         return jax.vjp(checkpointed, *args)
 
     def bwd(vjp_fn, ct):
-        # a conditional whose predicate XLA cannot fold: its branch (the recomputation and the backward) runs as a
-        # unit once its operands, the cotangent included, exist (CPU XLA drops optimization barriers before
-        # scheduling, so a barrier alone did not hold the order)
-        first = jax.tree.leaves(ct)[0]
-        always = jnp.isfinite(first.ravel()[0]) | ~jnp.isfinite(first.ravel()[0])
-        dummy = jax.tree.map(jnp.zeros_like, jax.eval_shape(vjp_fn, ct))
-        return jax.lax.cond(always, lambda f, c: f(c), lambda f, c: dummy, vjp_fn, ct)
+        ct_leaves, ct_tree = jax.tree.flatten(ct)
+        keep = [i for i, x in enumerate(ct_leaves) if not _is_float0(x)]
+        out_shapes = jax.eval_shape(vjp_fn, ct)
+        out_leaves, out_tree = jax.tree.flatten(out_shapes)
+        out_keep = [i for i, x in enumerate(out_leaves) if not _is_float0(x)]
+
+        def backward(vjp_fn, kept):
+            full = [np.zeros(x.shape, jax.dtypes.float0) for x in ct_leaves]
+            for i, x in zip(keep, kept):
+                full[i] = x
+            grads = jax.tree.leaves(vjp_fn(jax.tree.unflatten(ct_tree, full)))
+            return [grads[i] for i in out_keep]
+
+        def skipped(vjp_fn, kept):  # never taken
+            return [jnp.zeros(out_leaves[i].shape, out_leaves[i].dtype) for i in out_keep]
+
+        kept = [ct_leaves[i] for i in keep]
+        probe = kept[0].ravel()[0]
+        always = jnp.isfinite(probe) | ~jnp.isfinite(probe)
+        grads = jax.lax.cond(always, backward, skipped, vjp_fn, kept)
+        full = [np.zeros(x.shape, jax.dtypes.float0) for x in out_leaves]
+        for i, g in zip(out_keep, grads):
+            full[i] = g
+        return jax.tree.unflatten(out_tree, full)
 
     f.defvjp(fwd, bwd)
     return f
