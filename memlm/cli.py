@@ -173,7 +173,13 @@ def _add_optional_eval(esub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse stops collecting a positional list at the first option, so `memlm compile CFG --devices 8 a.b=1`
+    # would leave `a.b=1` over: overrides after an option still count as overrides (in their order)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error("unrecognized arguments: " + " ".join(extra))
+        args.overrides = list(args.overrides) + extra
     _quiet()
     try:
         return int(args.func(args) or 0)

@@ -149,6 +149,19 @@ def test_compile_prints_params_and_memory():
     assert info["per_device_total_gib"] > 0
 
 
+def test_overrides_after_an_option_still_apply():
+    """`memlm compile CFG --devices 8 key=value`: argparse alone rejected the overrides after the option."""
+    r = run_memlm("compile", "configs/tiny/baseline.yaml", "mesh.data=2", "--devices", "8", "mesh.fsdp=4",
+                  "model.n_layers=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    d, f, hd = 128, 384, 32
+    assert info["params"] == d * 4 * hd + 2 * d * 2 * hd + 4 * hd * d + 3 * d * f + 2 * d + 384 * d + d
+    bad = run_memlm("compile", "configs/tiny/baseline.yaml", "--devices", "8", "--no-such-flag")
+    assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_divergence_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
     """A NaN/inf loss stops training (exit 1, one line naming the step), the diverged state is not saved, and
     the earlier checkpoints stay. lr=1e30 blows the weights up within a few updates."""
