@@ -12,7 +12,9 @@ Carry (per sequence, leading dim = batch; reinstated from init_carry at document
     conv    depthwise-conv tails of the q/k/v streams, [B, n_mem_layers, K-1, d] (K = titans.conv_kernel)
     kv_k, kv_v, seen   (MAG, MAL) pre-RoPE keys/values of the last W-1 tokens [B, n_layers, W-1, kvh, hd]
             and how many of them belong to the current document [B] (W = titans.window)
-so streaming segment by segment equals one pass over the whole sequence.
+so streaming segment by segment equals one pass over the whole sequence. The state is per layer (no layer's
+state reaches a lower layer), which `titans.pipeline_layers` uses to train the layers pipelined over segments
+(memlm/memory/titans_pipeline.py: the same values, fewer sequential block calls).
 
 Causality, the three variants (tested: logits of token t never change when tokens > t change):
   * MAC is segment-recurrent (models/segments.py::run_segments): h = M*_{t-1}(q) uses the memory at the
