@@ -370,10 +370,10 @@ def test_scan_unroll_reaches_the_chunk_loop():
 
 
 # ------------------------------------------------------------------------------------- layer pipelining
-def _loss_and_grads(variant: str, pipeline: bool, remat: str, titans: dict, n_layers: int = 3):
+def _loss_and_grads(variant: str, pipeline: bool, remat: str, titans: dict, n_layers: int = 3, **model_kw):
     """(loss, final carry, stats, parameter gradients) of one batch with a document starting mid-batch (row 1,
     segment 2), truncated BPTT every 3 segments, and an incoming carry that is not init_carry."""
-    cfg, m = make("titans", seg_len=SEG, n_seg=NSEG, n_layers=n_layers, remat=remat,
+    cfg, m = make("titans", seg_len=SEG, n_seg=NSEG, n_layers=n_layers, remat=remat, **model_kw,
                   titans={**BASE, "variant": variant, "pipeline_layers": pipeline, **titans})
     gd, params = nnx.split(m)
     batch = make_batch(cfg, seed=1)
@@ -389,17 +389,18 @@ def _loss_and_grads(variant: str, pipeline: bool, remat: str, titans: dict, n_la
     return value, c, stats, grads
 
 
-@pytest.mark.parametrize("variant,remat,titans", [
-    ("mag", "none", {}), ("mal", "none", {"gates": "per_chunk"}), ("mac", "none", {}),
-    ("mag", "full", {}),  # segment_remat: each wave checkpointed
-    ("mac", "dots", {"num_longterm": 3}),
-    ("mag", "none", {"memory_layers": []}),  # no memory at all: only the KV tails are carried
+@pytest.mark.parametrize("variant,remat,titans,model_kw", [
+    ("mag", "none", {}, {}), ("mal", "none", {"gates": "per_chunk"}, {}), ("mac", "none", {}, {}),
+    # per-layer remat fenced behind the cotangent; segment_remat: the head and loss per segment, tied embeddings
+    ("mag", "full", {}, {"tie_embeddings": True}),
+    ("mac", "dots", {"num_longterm": 3}, {}),
+    ("mag", "none", {"memory_layers": []}, {}),  # no memory at all: only the KV tails are carried
 ])
-def test_pipelined_layers_equal_the_segment_major_order(variant, remat, titans):
+def test_pipelined_layers_equal_the_segment_major_order(variant, remat, titans, model_kw):
     """titans.pipeline_layers runs the (layer, segment) grid by anti-diagonals: loss, final carry, memory stats
     and every parameter gradient equal the segment-by-segment order's (float32 round-off)."""
-    ref = _loss_and_grads(variant, False, remat, titans)
-    out = _loss_and_grads(variant, True, remat, titans)
+    ref = _loss_and_grads(variant, False, remat, titans, **model_kw)
+    out = _loss_and_grads(variant, True, remat, titans, **model_kw)
     np.testing.assert_allclose(float(out[0]), float(ref[0]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
