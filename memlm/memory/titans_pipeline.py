@@ -22,7 +22,7 @@ in straight-line code (XLA scheduled the recomputations early: the temporaries o
 recomputation runs inside a conditional fed by the cotangent (remat_after_cotangent). The layers' checkpoints of
 every (layer, segment) are kept, i.e. `model.segment_remat` is not applied to the layers (the head and loss are
 still checkpointed per segment under it), and a wave holds up to n_layers layers' activations at once: tiny MAG,
-4 layers x 4 segments of 128, remat=full: 309 vs 116 MiB of temporaries; configs/paper/titans_170m.yaml MAG 37.5 vs
+4 layers x 4 segments of 128, remat=full: 309 vs 116 MiB of temporaries; configs/paper/titans_170m.yaml MAG 37.0 vs
 15.2 GiB per device (BENCHMARKS.md "Titans", session 12). Checkpointing whole waves as well (only carries and
 layer-to-layer activations between waves) did not lower it (40.6 GiB): a wave's own recomputation holds its
 active layers together.
