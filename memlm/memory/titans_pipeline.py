@@ -139,6 +139,7 @@ def pipelined_loss(model, carry: dict, batch: dict, bptt_depth: int = -1):
     reset = segment_major(batch["reset"])                         # [n, B]
     n, b, L = tokens.shape
     init = model.init_carry(b)
+    inits = [_layer_carry(model, init, l) for l in range(n_layers)]  # what a document start resets each layer to
     dec = model.decoder
     lc_dtypes = jax.tree.map(lambda a: a.dtype, _layer_carry(model, carry, 0)["lc"])  # kept across waves
 
@@ -160,7 +161,7 @@ def pipelined_loss(model, carry: dict, batch: dict, bptt_depth: int = -1):
             c = layers[l]
             if bptt_depth > 0 and s > 0 and s % bptt_depth == 0:  # run_segments' cut, per layer
                 c = jax.tree.map(jax.lax.stop_gradient, c)
-            c = reset_carry(c, _layer_carry(model, init, l), reset[s])
+            c = reset_carry(c, inits[l], reset[s])
             layers[l] = c
             ctx = model._contexts({"seen": c["seen"]}, b, L)
             ctxs.append({k: (a.q_pos, a.kv_pos, a.mask) for k, a in ctx.items()})
