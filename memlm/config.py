@@ -134,6 +134,11 @@ class TitansConfig(_Strict):
         1, ge=1, description="chunks per iteration of the XLA chunk loop (lax.scan unroll; the Pallas kernels "
         "ignore it): unrolling trades compile time and ~8% memory for speed; a fully unrolled 512-token segment made "
         "a MAG step 8-12% faster on an H200, no measured effect on CPU")
+    chunk_remat: bool = Field(
+        True, description="checkpoint each chunk of the XLA chunk loop (models.md §2: activation memory grows as "
+        "#chunks x |M|, so remat per chunk; the default). false keeps every chunk's intermediates for the backward "
+        "instead of recomputing them: one forward pass of the memory fewer per step for more memory (the Pallas "
+        "kernels ignore it)")
     memory_layers: list[int] | None = Field(None, description="layers with memory (None = all)")
     pipeline_layers: bool = Field(
         False, description="training: run the (layer, segment) grid by anti-diagonals, all layers of a wave in one "

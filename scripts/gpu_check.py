@@ -430,6 +430,10 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
     segment-local baseline run one segment after another, i.e. the cost of the sequential scan alone."""
     if width == "d512x16":
         return unroll_configs()
+    if width == "d512_4k":  # the paper's 4K context (8 segments of 512), the same tokens per step as d512
+        keep = ("baseline", "baseline_full_attention", "titans_mag_c64_unroll8", "titans_mag_c64_unroll8_pipelined",
+                "titans_mag_c64_unroll8_no_chunk_ckpt", "titans_mag_c64_unroll8_pipelined_no_chunk_ckpt")
+        return [r for r in compare_configs("d512") if r[0] in keep]
     rows = [("baseline", TINY + "baseline.yaml", "model.segment_local=true"),
             ("rmt_m0", TINY + "rmt.yaml", "model.rmt.num_mem_tokens=0"),
             ("rmt", TINY + "rmt.yaml", "" if width == "d512" else "model.rmt.num_mem_tokens=16"),
@@ -466,6 +470,14 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  ("titans_mag_pipelined", TINY + "titans_mag.yaml", "model.titans.pipeline_layers=true"),
                  ("titans_mag_c64_unroll8_pipelined", TINY + "titans_mag.yaml",
                   "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.titans.pipeline_layers=true"),
+                 # without the per-chunk checkpoint of the chunk loop (session 13): the backward reuses the
+                 # forward's chunk intermediates instead of running every chunk's forward again (a quarter of
+                 # the memory's kernels, if the step is bound by their number)
+                 ("titans_mag_c64_unroll8_no_chunk_ckpt", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.titans.chunk_remat=false"),
+                 ("titans_mag_c64_unroll8_pipelined_no_chunk_ckpt", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.titans.pipeline_layers=true;"
+                  "model.titans.chunk_remat=false"),
                  # the tiny configs clip inner gradients since session 9; session 5's 11.9x was without the clip
                  ("titans_mag_no_clip", TINY + "titans_mag.yaml", "model.titans.inner_grad_clip=0.0"),
                  ("baseline_full_attention", TINY + "baseline.yaml", "")]
@@ -480,6 +492,9 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  ("titans_mag_paper_unroll8", TINY + "titans_mag.yaml", paper_mag + ";model.titans.scan_unroll=8"),
                  ("titans_mag_paper_unroll8_pipelined", TINY + "titans_mag.yaml",
                   paper_mag + ";model.titans.scan_unroll=8;model.titans.pipeline_layers=true"),
+                 ("titans_mag_paper_unroll8_pipelined_no_chunk_ckpt", TINY + "titans_mag.yaml",
+                  paper_mag + ";model.titans.scan_unroll=8;model.titans.pipeline_layers=true;"
+                  "model.titans.chunk_remat=false"),
                  ("baseline_full_attention", TINY + "baseline.yaml", "")]
     # with the per-layer remat of the paper configs, with and without the per-segment checkpoint
     # (model.segment_remat=false: one forward fewer per step); ratios against the baseline with the same remat
@@ -526,15 +541,17 @@ def section_model_compare() -> dict:
     """Train-step time per token of each memory model against the segment-local baseline, at two widths, in one
     process: every config lowered, all compiled at once in a thread pool, then timed round-robin per width."""
     bench = _load_bench()
-    widths = {"d512": GPU_MODEL, "gpt2s": GPT2S_MODEL}
+    # width -> (model overrides, segment length, segments); d512_4k: 8 segments of 512 at half the batch
+    widths = {"d512": (GPU_MODEL, 512, 4), "gpt2s": (GPT2S_MODEL, 512, 4),
+              "d512_4k": (GPU_MODEL + ";train.batch_size=8", 512, 8)}
     if SMOKE:
-        widths = {"d512": "train.batch_size=2", "gpt2s": "train.batch_size=2;model.vocab_size=1000"}
+        widths = {"d512": ("train.batch_size=2", 64, 2), "gpt2s": ("train.batch_size=2;model.vocab_size=1000", 64, 2),
+                  "d512_4k": ("train.batch_size=1", 64, 4)}
     if UNROLL_SWEEP:
-        widths = {"d512x16": widths["d512"]}
-    seg, n = (64, 2) if SMOKE else (512, 16 if UNROLL_SWEEP else 4)
+        widths = {"d512x16": (widths["d512"][0], 512, 16)}
     out, benches = {}, {}
     t0 = time.perf_counter()
-    for width, model in widths.items():
+    for width, (model, seg, n) in widths.items():
         for name, path, extra in compare_configs(width):
             key = f"{width}/{name}"
             if not re.search(COMPARE_ROWS, key):
@@ -561,7 +578,8 @@ def section_model_compare() -> dict:
         mine = {k: b for k, b in mine.items() if k not in out}
         res = {k: b.result() for k, b in mine.items()}
         for key, r in res.items():
-            base = res.get(f"{width}/baseline_remat" if "_remat" in key else f"{width}/baseline")
+            remat_row = key.endswith(("_remat", "_remat_no_segment_remat"))  # the per-layer remat rows
+            base = res.get(f"{width}/baseline_remat" if remat_row else f"{width}/baseline")
             out[key] = dict(config=r["config"], step_ms=r["step_s"] * 1e3, tokens_per_sec=r["tokens_per_sec"],
                             compile_s=r.get("compile_s"), params=r["params"], temp_mib=r.get("temp_mib"),
                             time_per_token_vs_segment_local=(r["sec_per_token"] / base["sec_per_token"]

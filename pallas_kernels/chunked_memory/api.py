@@ -101,6 +101,7 @@ def chunked_memory(
     interpret: bool = False,
     grad_clip: float = 0.0,
     unroll: int = 1,
+    remat: bool = True,
 ) -> tuple[jax.Array, Params, Params]:
     """Titans memory update + retrieval over whole sequences.
 
@@ -118,6 +119,8 @@ def chunked_memory(
       grad_clip: if > 0, each token's inner gradient (all memory layers together) is rescaled to Frobenius
         norm <= grad_clip before the momentum update (not in the paper: a stability option); 0 = none.
       unroll: chunks per iteration of the XLA chunk loop (xla path only; the Pallas kernels loop inside).
+      remat: checkpoint each chunk of the XLA chunk loop (xla path only): False saves every chunk's intermediates
+        for the backward instead of recomputing them (more memory, one forward of the chunk fewer).
 
     Returns:
       y [batch, T, d_v]; final params and final momentum (tuples like init_params). Passing them as
@@ -161,5 +164,6 @@ def chunked_memory(
         else:
             y, M, S = fn(q, k, v, theta, eta, alpha, params, momentum, interpret=interpret, **kw)
             return y.astype(q.dtype), M, S
-    y, M, S = xla.chunked_memory_xla(q, k, v, theta, eta, alpha, params, momentum, unroll=unroll, **kw)
+    y, M, S = xla.chunked_memory_xla(q, k, v, theta, eta, alpha, params, momentum, unroll=unroll, remat=remat,
+                                     **kw)
     return y.astype(q.dtype), M, S

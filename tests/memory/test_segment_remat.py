@@ -92,3 +92,28 @@ def test_segment_unroll_changes_the_program_not_the_loss(kind, extra):
     for a, b in zip(jax.tree.leaves(vals[True][1]), jax.tree.leaves(vals[False][1]), strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12, kind
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag"])
+def test_titans_chunk_remat_changes_the_program_not_the_gradient(variant):
+    """`model.titans.chunk_remat: false` drops the per-chunk checkpoint of the XLA chunk loop: fewer checkpoints in
+    the program, the same loss and gradients (float32 rounding)."""
+    extra = {"titans": {**KINDS[3][1]["titans"], "variant": variant}}
+    vals, counts = {}, {}
+    for flag in (True, False):
+        extra["titans"]["chunk_remat"] = flag
+        cfg, model = make("titans", segment_remat=False, **extra)
+        batch = make_batch(cfg, seed=3)
+        gd, params = nnx.split(model)
+
+        def loss(p, gd=gd, batch=batch):
+            m = nnx.merge(gd, p)
+            return m.loss(m.init_carry(2), batch)[0]
+
+        counts[flag] = _count_remat(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+        vals[flag] = jax.value_and_grad(loss)(params)
+    assert counts[True] > counts[False], counts
+    np.testing.assert_allclose(float(vals[True][0]), float(vals[False][0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(vals[True][1]), jax.tree.leaves(vals[False][1]), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12, variant
