@@ -145,7 +145,12 @@ class TitansConfig(_Strict):
         "vmapped call (n_segments + n_layers - 1 sequential block calls instead of n_segments x n_layers; the same "
         "values: memlm/memory/titans_pipeline.py). For accelerators, where MAG's step is bound by small per-chunk "
         "kernels; needs every layer to have a memory (or none). Holds up to n_layers layers' activations at once "
-        "and does not apply segment_remat to the layers (tiny MAG, remat=full: 2.4x the temporaries)")
+        "and does not apply segment_remat to the layers (tiny MAG, remat=full: 2.6x the temporaries; the 760M "
+        "paper MAG 91 vs 42 GiB per device); pipeline_group bounds that")
+    pipeline_group: int = Field(
+        0, ge=0, description="with pipeline_layers: at most this many layers per batched block call inside a wave "
+        "(0 = all of the wave's active layers in one call). Smaller groups hold fewer layers' activations at once "
+        "(attention scores above all) for more sequential calls: a wave of k layers makes ceil(k / group)")
     implementation: Literal["auto", "xla", "reference", "triton", "mosaic"] = Field(
         "auto", description="chunked-memory kernel (auto: Pallas on GPU/TPU where supported, else XLA; deep "
         "memory stays on XLA under auto (its Triton kernel was no faster on an H200 where it fit; Mosaic is "
@@ -243,6 +248,11 @@ class ModelConfig(_Strict):
         "paper config: 22.0 vs 3.1 GiB per device). Compile time grows with the number of segments",
     )
     attention_impl: Literal["xla", "reference"] = "xla"
+    attention_q_block: int = Field(
+        0, ge=0, description="compute attention this many queries at a time (lax.map over query blocks, each "
+        "recomputed in the backward): the same values, with one block's float32 scores alive at a time instead of "
+        "the whole [batch, heads, queries, keys] array; 0 = all queries at once (the default). Applies to the shared "
+        "attention and Titans' persistent-prefix attention; landmark attention has its own blockwise kernel")
     segment_local: bool = Field(
         False, description="baseline only: attend within each segment instead of the whole sequence"
     )

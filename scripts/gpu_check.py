@@ -431,8 +431,9 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
     if width == "d512x16":
         return unroll_configs()
     if width == "d512_4k":  # the paper's 4K context (8 segments of 512), the same tokens per step as d512
-        keep = ("baseline", "baseline_full_attention", "titans_mag_c64_unroll8", "titans_mag_c64_unroll8_pipelined",
-                "titans_mag_c64_unroll8_no_chunk_ckpt", "titans_mag_c64_unroll8_pipelined_no_chunk_ckpt")
+        keep = ("baseline", "baseline_full_attention", "baseline_full_attention_qb512", "titans_mag_c64_unroll8",
+                "titans_mag_c64_unroll8_pipelined", "titans_mag_c64_unroll8_no_chunk_ckpt",
+                "titans_mag_c64_unroll8_pipelined_no_chunk_ckpt", "titans_mag_c64_unroll8_pipelined_qb128")
         return [r for r in compare_configs("d512") if r[0] in keep]
     rows = [("baseline", TINY + "baseline.yaml", "model.segment_local=true"),
             ("rmt_m0", TINY + "rmt.yaml", "model.rmt.num_mem_tokens=0"),
@@ -480,7 +481,13 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                   "model.titans.chunk_remat=false"),
                  # the tiny configs clip inner gradients since session 9; session 5's 11.9x was without the clip
                  ("titans_mag_no_clip", TINY + "titans_mag.yaml", "model.titans.inner_grad_clip=0.0"),
-                 ("baseline_full_attention", TINY + "baseline.yaml", "")]
+                 ("baseline_full_attention", TINY + "baseline.yaml", ""),
+                 # attention 512 queries at a time (session 13; on CPU the full-attention baseline got faster and
+                 # half as big with query blocks, so the baseline MAG is held to should be timed with them too)
+                 ("baseline_full_attention_qb512", TINY + "baseline.yaml", "model.attention_q_block=512"),
+                 ("titans_mag_c64_unroll8_pipelined_qb128", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.titans.pipeline_layers=true;"
+                  "model.attention_q_block=128")]
     if width == "gpt2s":  # MAG with configs/paper/titans_170m.yaml's memory settings at the width of that model
         paper_mag = (f"model.titans.memory_heads={4 if SMOKE else 12};model.titans.chunk_size=64;"
                      "model.titans.window=512;model.titans.num_persistent=16;model.titans.max_lr=0.01;"

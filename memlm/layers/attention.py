@@ -48,11 +48,38 @@ register_attention("xla", reference_attention)
 register_attention("reference", reference_attention)
 
 
-def attend(q, k, v, mask, impl: str = "xla") -> jax.Array:
-    """Dispatch to the configured attention implementation (see `register_attention`)."""
+def over_query_blocks(fn: Callable, q_args: tuple, mask: jax.Array | None, q_block: int) -> jax.Array:
+    """fn(*q_args, mask) computed q_block queries at a time (`model.attention_q_block`).
+
+    Queries are independent rows of attention, so this is the same function; what changes is memory: each
+    block's [.., q_block, kv_len] float32 scores and probabilities exist one block at a time (lax.map), and the
+    backward recomputes them per block (jax.checkpoint) instead of keeping all of them. q_args: arrays
+    [batch, q_len, ...] (the queries; keys and values are closed over by fn); mask: [batch or 1, 1, q_len, kv_len]
+    or None. q_len not a multiple of q_block is padded with fully masked rows, which are dropped.
+    Returns fn's output [batch, q_len, ...]. q_block = 0 or >= q_len: one call.
+    """
+    t = q_args[0].shape[1]
+    if not q_block or t <= q_block:
+        return fn(*q_args, mask)
+    nb = -(-t // q_block)
+    pad = nb * q_block - t
+    pad_rows = lambda x, axis: jnp.pad(x, [(0, pad) if i == axis else (0, 0) for i in range(x.ndim)])
+    split = lambda x, axis: jnp.moveaxis(x.reshape(x.shape[:axis] + (nb, q_block) + x.shape[axis + 1:]), axis, 0)
+    qs = tuple(split(pad_rows(x, 1), 1) for x in q_args)
+    ms = None if mask is None else split(pad_rows(jnp.broadcast_to(mask, mask.shape[:2] + (t,) + mask.shape[3:]), 2), 2)
+    block = jax.checkpoint(lambda xs: fn(*xs[0], xs[1]))
+    out = jax.lax.map(block, (qs, ms))                              # [nb, batch, q_block, ...]
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[:1] + (nb * q_block,) + out.shape[3:])[:, :t]
+
+
+def attend(q, k, v, mask, impl: str = "xla", q_block: int = 0) -> jax.Array:
+    """Dispatch to the configured attention implementation (see `register_attention`); q_block > 0 runs it
+    over blocks of that many queries (`over_query_blocks`)."""
     if impl not in _IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; known: {sorted(_IMPLS)}")
-    return _IMPLS[impl](q, k, v, mask)
+    fn = _IMPLS[impl]
+    return over_query_blocks(lambda q, m: fn(q, k, v, m), (q,), mask, q_block)
 
 
 def causal_mask(q_pos: jax.Array, kv_pos: jax.Array, q_doc=None, kv_doc=None) -> jax.Array:
@@ -107,5 +134,5 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
         q = constrain(q, ("batch", "act_seq", "act_heads", None))
-        out = attend(q, k, v, mask, cfg.attention_impl)
+        out = attend(q, k, v, mask, cfg.attention_impl, cfg.attention_q_block)
         return self.wo(out.reshape(b, t, cfg.n_heads * cfg.hd))

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memlm.layers.attention import NEG_INF, Attention, _linear
+from memlm.layers.attention import NEG_INF, Attention, _linear, over_query_blocks
 from memlm.layers.mlp import make_mlp, make_norm, rms_norm
 from memlm.layers.rope import apply_rope
 from memlm.sharding import constrain
@@ -268,7 +268,8 @@ class TitansBlock(nnx.Module):
             vp = a.wv(p).reshape(self.n_p, cfg.kv_heads, cfg.hd)
         else:
             kp = vp = jnp.zeros((0, cfg.kv_heads, cfg.hd), q.dtype)
-        out = prefix_attention(qr, q, kr, v, kp, vp, ctx.mask)
+        out = over_query_blocks(lambda qr, q, m: prefix_attention(qr, q, kr, v, kp, vp, m), (qr, q), ctx.mask,
+                                cfg.attention_q_block)
         return a.wo(out.reshape(b, lq, cfg.n_heads * cfg.hd)), new_tail
 
     # ---- memory ------------------------------------------------------------------------------------------

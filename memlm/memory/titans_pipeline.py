@@ -25,7 +25,13 @@ still checkpointed per segment under it), and a wave holds up to n_layers layers
 4 layers x 4 segments of 128, remat=full: 309 vs 116 MiB of temporaries; configs/paper/titans_170m.yaml MAG 37.0 vs
 15.2 GiB per device (BENCHMARKS.md "Titans", session 12). Checkpointing whole waves as well (only carries and
 layer-to-layer activations between waves) did not lower it (40.6 GiB): a wave's own recomputation holds its
-active layers together.
+active layers together. What those layers hold is mostly attention: in the tiny step's peak the largest buffers are
+[active layers, batch, heads, queries, keys] float32 scores and their key/value concatenations.
+Two options bound them: `model.attention_q_block` (attention a block of queries at a time) and
+`model.titans.pipeline_group` = g (a wave of k layers runs as ceil(k / g) batched calls of consecutive layers).
+Tiny MAG above, remat=full: temporaries 301 / 170 / 102 MiB at g = all / 2 / 1 (segment-major order 116). Paper MAG
+per device: 170M 37.0 GiB, 28.0 with q_block 128, 20.4 with q_block 128 and g = 2 (segment-major 15.2); 760M 91.1
+GiB (does not fit 80 GB), 64.6 with q_block 128 (segment-major 42.3). BENCHMARKS.md "Titans", session 13.
 """
 
 from __future__ import annotations
@@ -171,17 +177,23 @@ def pipelined_loss(model, carry: dict, batch: dict, bptt_depth: int = -1):
             else:
                 x = below[l]
             ins.append(x)
-        lo, hi = active[0], active[-1] + 1
         stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
-        st = jax.tree.map(lambda a: a[lo:hi], stacked)
-        h, lc_new, stats = block(st, jnp.stack(ins), stack(ctxs), stack(lcs))
-        for i, l in enumerate(active):
-            new = jax.tree.map(lambda a, dt, i=i: a[i].astype(dt), lc_new, lc_dtypes)
-            seen = jnp.minimum(layers[l]["seen"] + L, model.n_tail) if model.n_tail else None
-            layers[l] = {"lc": new, "seen": seen}
-            if l + 1 < n_layers:
-                below[l + 1] = h[i]
-        top = h[len(active) - 1] if active[-1] == n_layers - 1 else None  # the last layer finished a segment
+        group = cfg.titans.pipeline_group or len(active)
+        top, stats = None, []
+        for g0 in range(0, len(active), group):  # consecutive layers, one batched block call per group
+            part = slice(g0, g0 + group)
+            lo, hi = active[part][0], active[part][-1] + 1
+            st = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], stacked)
+            h, lc_new, st_stats = block(st, jnp.stack(ins[part]), stack(ctxs[part]), stack(lcs[part]))
+            stats.append(st_stats)
+            for i, l in enumerate(active[part]):
+                new = jax.tree.map(lambda a, dt, i=i: a[i].astype(dt), lc_new, lc_dtypes)
+                seen = jnp.minimum(layers[l]["seen"] + L, model.n_tail) if model.n_tail else None
+                layers[l] = {"lc": new, "seen": seen}
+                if l + 1 < n_layers:
+                    below[l + 1] = h[i]
+                elif l == n_layers - 1:
+                    top = h[i]  # the last layer finished a segment
         return layers, below, top, stats
 
     # the final norm and the LM head's weights go in explicitly (a custom VJP cannot differentiate closed-over
@@ -200,7 +212,7 @@ def pipelined_loss(model, carry: dict, batch: dict, bptt_depth: int = -1):
     for w in range(n + n_layers - 1):
         x_w = tokens[min(w, n - 1)]
         layers, below, top, st = wave(w, layers, below, x_w)
-        stats.append(st)
+        stats.extend(st)
         if top is not None:
             tops.append(top)
     if cfg.remat_segments:

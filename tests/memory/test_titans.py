@@ -395,6 +395,8 @@ def _loss_and_grads(variant: str, pipeline: bool, remat: str, titans: dict, n_la
     ("mag", "full", {}, {"tie_embeddings": True}),
     ("mac", "dots", {"num_longterm": 3}, {}),
     ("mag", "none", {"memory_layers": []}, {}),  # no memory at all: only the KV tails are carried
+    ("mag", "full", {"pipeline_group": 2}, {}),  # waves split into calls of at most 2 layers
+    ("mal", "none", {"pipeline_group": 1}, {}),
 ])
 def test_pipelined_layers_equal_the_segment_major_order(variant, remat, titans, model_kw):
     """titans.pipeline_layers runs the (layer, segment) grid by anti-diagonals: loss, final carry, memory stats
@@ -442,6 +444,25 @@ def test_pipelined_layers_run_the_chunk_loop_once_per_wave():
         jaxpr = jax.make_jaxpr(lambda p, b, gd=gd: nnx.merge(gd, p).loss(nnx.merge(gd, p).init_carry(2), b)[0])
         runs[pipe] = _chunk_loop_runs(jaxpr(params, batch).jaxpr, SEG // BASE["chunk_size"])
     assert runs == {False: 12, True: 6}, runs
+
+
+def test_pipeline_group_bounds_the_layers_per_call_and_the_memory():
+    """titans.pipeline_group=2 splits the waves of widths 1, 2, 3, 3, 2, 1 (3 layers x 4 segments) into
+    1 + 1 + 2 + 2 + 1 + 1 = 8 block calls and chunk-loop runs, and a group of 1 needs fewer temporaries than the
+    whole wave in one call (XLA's own memory analysis of the compiled step, remat=full)."""
+    runs, temps = {}, {}
+    for group in (0, 1, 2):
+        cfg, m = make("titans", seg_len=SEG, n_seg=NSEG, n_layers=3, remat="full",
+                      titans={**BASE, "variant": "mag", "pipeline_layers": True, "pipeline_group": group})
+        gd, params = nnx.split(m)
+        batch = make_batch(cfg, seed=1)
+        loss = lambda p, b, gd=gd: nnx.merge(gd, p).loss(nnx.merge(gd, p).init_carry(2), b)[0]
+        runs[group] = _chunk_loop_runs(jax.make_jaxpr(loss)(params, batch).jaxpr, SEG // BASE["chunk_size"])
+        if group != 2:
+            compiled = jax.jit(jax.grad(loss)).lower(params, batch).compile()
+            temps[group] = compiled.memory_analysis().temp_size_in_bytes
+    assert runs == {0: 6, 1: 12, 2: 8}, runs
+    assert temps[1] < temps[0], temps
 
 
 # ------------------------------------------------------------------------------------------------ configs
