@@ -91,3 +91,20 @@ def fit(cfg, next_batch, seed: int = 0, params=None, log_every: int = 0, label: 
                 print(f"  step {i + 1}: {label} {float(metrics['loss']):.3f} ({time.perf_counter() - t0:.0f} s)",
                       flush=True)
     return setup, params, metrics, time.perf_counter() - t0
+
+
+def model_loss(gd, batch: dict):
+    """params -> the summed training loss of the model with graph `gd` on `batch`, from its initial carry."""
+    def loss(p):
+        m = nnx.merge(gd, p)
+        return m.loss(m.init_carry(batch["tokens"].shape[0]), batch)[0]
+    return loss
+
+
+def assert_same_loss_and_grads(got, want, what: str = "") -> None:
+    """Two (loss, gradient tree) pairs of programs that differ only in schedule: float32 round-off apart (loss to
+    1e-6 relative, each gradient leaf to 1e-5 of its norm)."""
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6, err_msg=what)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12, what

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.memory.common import make, make_batch
+from tests.memory.common import assert_same_loss_and_grads, make, make_batch, model_loss
 
 pytestmark = pytest.mark.unit
 
@@ -40,13 +40,8 @@ def test_segment_remat_changes_the_program_not_the_gradient(kind, extra):
     grads, counts = {}, {}
     for flag in (True, False):
         cfg, model = make(kind, remat="full", segment_remat=flag, **extra)
-        batch = make_batch(cfg, seed=2)
         gd, params = nnx.split(model)
-
-        def loss(p, gd=gd, batch=batch):
-            m = nnx.merge(gd, p)
-            return m.loss(m.init_carry(2), batch)[0]
-
+        loss = model_loss(gd, make_batch(cfg, seed=2))
         counts[flag] = _count_remat(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
         grads[flag] = jax.grad(loss)(params)
     # one checkpoint per segment scan body more with segment_remat (the per-layer ones are in both)
@@ -72,26 +67,17 @@ def test_segment_unroll_changes_the_program_not_the_loss(kind, extra):
     vals, unrolls = {}, {}
     for unroll in (False, True):
         cfg, model = make(kind, segment_unroll=unroll, **extra)
-        batch = make_batch(cfg, seed=2)
         gd, params = nnx.split(model)
-
-        def loss(p, gd=gd, batch=batch):
-            m = nnx.merge(gd, p)
-            return m.loss(m.init_carry(2), batch)[0]
-
+        loss = model_loss(gd, make_batch(cfg, seed=2))
         unrolls[unroll] = _scan_unrolls(jax.make_jaxpr(loss)(params).jaxpr)
         vals[unroll] = jax.value_and_grad(loss)(params)
     assert 4 in unrolls[True] and 4 not in unrolls[False], unrolls  # the segment scan (4 segments) is unrolled
     # with the per-segment checkpoint the loop stays rolled (unrolled, XLA may recompute every segment up front)
     cfg, model = make(kind, segment_unroll=True, remat="full", **extra)
     gd, params = nnx.split(model)
-    batch = make_batch(cfg, seed=2)
-    rolled = _scan_unrolls(jax.make_jaxpr(lambda p: nnx.merge(gd, p).loss(model.init_carry(2), batch)[0])(params).jaxpr)
+    rolled = _scan_unrolls(jax.make_jaxpr(model_loss(gd, make_batch(cfg, seed=2)))(params).jaxpr)
     assert cfg.model.remat_segments and 4 not in rolled, rolled
-    np.testing.assert_allclose(float(vals[True][0]), float(vals[False][0]), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(vals[True][1]), jax.tree.leaves(vals[False][1]), strict=True):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12, kind
+    assert_same_loss_and_grads(vals[True], vals[False], kind)
 
 
 @pytest.mark.parametrize("variant", ["mac", "mag"])
@@ -103,17 +89,9 @@ def test_titans_chunk_remat_changes_the_program_not_the_gradient(variant):
     for flag in (True, False):
         extra["titans"]["chunk_remat"] = flag
         cfg, model = make("titans", segment_remat=False, **extra)
-        batch = make_batch(cfg, seed=3)
         gd, params = nnx.split(model)
-
-        def loss(p, gd=gd, batch=batch):
-            m = nnx.merge(gd, p)
-            return m.loss(m.init_carry(2), batch)[0]
-
+        loss = model_loss(gd, make_batch(cfg, seed=3))
         counts[flag] = _count_remat(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
         vals[flag] = jax.value_and_grad(loss)(params)
     assert counts[True] > counts[False], counts
-    np.testing.assert_allclose(float(vals[True][0]), float(vals[False][0]), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(vals[True][1]), jax.tree.leaves(vals[False][1]), strict=True):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12, variant
+    assert_same_loss_and_grads(vals[True], vals[False], variant)
