@@ -82,7 +82,6 @@ def test_query_blocks_hold_less_memory():
 
 @pytest.mark.parametrize("kind,model_kw", [
     ("baseline", {}),
-    ("titans", {"titans": {"variant": "mag", "chunk_size": 4, "num_persistent": 2, "memory_heads": 2}}),
     ("titans", {"titans": {"variant": "mac", "chunk_size": 4, "num_persistent": 2, "memory_heads": 2,
                            "pipeline_layers": True}}),
 ])

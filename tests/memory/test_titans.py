@@ -396,7 +396,6 @@ def _loss_and_grads(variant: str, pipeline: bool, remat: str, titans: dict, n_la
     ("mac", "dots", {"num_longterm": 3}, {}),
     ("mag", "none", {"memory_layers": []}, {}),  # no memory at all: only the KV tails are carried
     ("mag", "full", {"pipeline_group": 2}, {}),  # waves split into calls of at most 2 layers
-    ("mal", "none", {"pipeline_group": 1}, {}),
 ])
 def test_pipelined_layers_equal_the_segment_major_order(variant, remat, titans, model_kw):
     """titans.pipeline_layers runs the (layer, segment) grid by anti-diagonals: loss, final carry, memory stats
