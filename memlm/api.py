@@ -167,11 +167,13 @@ def load(run_dir: str, step: int | None = None, devices=None) -> LoadedModel:
     mesh = make_mesh(len(devices), 1, 1, devices)
     setup = setup_lib.build_setup(cfg, mesh, batch_size=1)
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"{run_dir}: no checkpoint found")
-    if step not in ckpt.all_steps():
-        raise UserError(f"{run_dir}: no checkpoint at step {step} (have {ckpt.all_steps()})")
-    params = ckpt.restore_params(step, setup.abstract_params)
-    ckpt.close()
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"{run_dir}: no checkpoint found")
+        if step not in ckpt.all_steps():
+            raise UserError(f"{run_dir}: no checkpoint at step {step} (have {ckpt.all_steps()})")
+        params = ckpt.restore_params(step, setup.abstract_params)
+    finally:
+        ckpt.close()
     return LoadedModel(cfg, params, setup, step)

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from memlm.errors import UserError
 
@@ -28,15 +29,52 @@ def _fast_array_handler() -> None:
     """Skip replica-parallel slicing (one XLA compile per slice shape; spike-notes §4). Same bytes on disk."""
     global _HANDLER_SET
     if not _HANDLER_SET:
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-        )
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # orbax warns that it overrides the handler, which is the point
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+            )
+        finally:
+            absl_log.setLevel(level)
         _HANDLER_SET = True
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs with the given shardings (a restore target that needs no arrays)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _dotted(path) -> str:
+    """A tree path as 'decoder.blocks.attn.wk.kernel' (nnx's trailing '.value' dropped)."""
+    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
+def param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of every array (or ShapeDtypeStruct / orbax ArrayMetadata) leaf."""
+    return {_dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def params_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
+    """One line saying how a checkpoint's parameters (saved) differ from the model's (wanted), or None."""
+    def few(keys):
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    missing = sorted(wanted.keys() - saved.keys())
+    extra = sorted(saved.keys() - wanted.keys())
+    reshaped = [k for k in sorted(wanted.keys() & saved.keys()) if saved[k] != wanted[k]]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} model parameter(s) not in the checkpoint: {few(missing)}")
+    if extra:
+        parts.append(f"{len(extra)} checkpoint parameter(s) not in the model: {few(extra)}")
+    if reshaped:
+        k = reshaped[0]
+        more = f" (+{len(reshaped) - 1} more)" if len(reshaped) > 1 else ""
+        parts.append(f"{k} has shape {saved[k]} in the checkpoint, {wanted[k]} in the model{more}")
+    return "; ".join(parts) or None
 
 
 class Checkpointer:
@@ -70,8 +108,21 @@ class Checkpointer:
             force=force,
         )
 
+    def check_params(self, step: int, abstract_params, what: str = "the model config") -> None:
+        """UserError naming the parameters where checkpoint `step` and the model differ (names and shapes, read
+        from the checkpoint's metadata before any array is restored)."""
+        try:
+            saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+            saved = param_shapes(saved["params"])
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable metadata: the restore reports it
+            return
+        problem = params_mismatch(saved, param_shapes(abstract_params))
+        if problem:
+            raise UserError(f"{self.directory}/{step}: checkpoint does not match {what}: {problem}")
+
     def restore(self, step: int, abstract_params, abstract_opt_state, abstract_carry):
         """Restore onto the shardings carried by the abstract targets. Mismatch -> UserError."""
+        self.check_params(step, abstract_params, "the model/optimizer config")
         target_carry = {"memory": abstract_carry, "step": jax.ShapeDtypeStruct((), np.int64)}
         try:
             out = self.manager.restore(
@@ -90,7 +141,8 @@ class Checkpointer:
         return out["state"]["params"], out["state"]["opt_state"], out["carry"]["memory"], out["data"]
 
     def restore_params(self, step: int, abstract_params):
-        """Params only (inference, export)."""
+        """Params only (inference, export, warm start): every parameter of the model, no other."""
+        self.check_params(step, abstract_params)
         try:
             out = self.manager.restore(
                 step,

@@ -59,7 +59,9 @@ def cmd_eval_lm(args) -> int:
 # ---- compile -----------------------------------------------------------------------------------------------
 def cmd_compile(args) -> int:
     cfg = _load(args)
-    n = args.devices or (cfg.mesh.data if cfg.mesh.data > 0 else 1) * cfg.mesh.fsdp * cfg.mesh.tensor
+    if cfg.mesh.data <= 0 and not args.devices:
+        raise UserError(f"mesh.data={cfg.mesh.data} (all devices): give the device count with --devices N")
+    n = args.devices or cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
     import jax
 
     jax.config.update("jax_num_cpu_devices", n)
@@ -71,6 +73,7 @@ def cmd_compile(args) -> int:
 
     mesh = mesh_from_config(cfg.mesh, jax.devices()[:n])
     setup = setup_lib.build_setup(cfg, mesh)
+    setup_lib.check_batch_split(setup)
     spec = setup_lib.batch_spec(cfg)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sh[k]) for k, v in spec.items()}
     step = setup_lib.jit_train_step(setup)

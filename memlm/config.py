@@ -204,6 +204,26 @@ class MemoryLayersConfig(_Strict):
     )
 
 
+# Options that change how a step is computed (schedule, kernel, what is recomputed), not its values beyond float
+# rounding nor its parameters: a run may resume, and an exported memory be imported, with them changed.
+SCHEDULE_ONLY_KEYS = frozenset({
+    "model.attention_impl", "model.attention_q_block", "model.remat", "model.segment_remat", "model.segment_unroll",
+    "model.titans.scan_unroll", "model.titans.chunk_remat", "model.titans.pipeline_layers",
+    "model.titans.pipeline_group", "model.titans.implementation", "model.memory_layers.implementation",
+    "model.landmark.offload_kv",
+})
+
+
+def config_differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) of every leaf where two config dumps differ, SCHEDULE_ONLY_KEYS skipped.
+    A section set on one side only (a dict against None) is one difference at the section's key."""
+    if prefix in SCHEDULE_ONLY_KEYS:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys()) for d in config_differences(a.get(k), b.get(k), f"{prefix}.{k}")]
+    return [] if a == b else [(prefix, a, b)]
+
+
 MEMORY_SECTIONS = {"rmt": "rmt", "hmt": "hmt", "lm2": "lm2", "titans": "titans", "landmark": "landmark",
                    "memory_layers": "memory_layers"}
 
@@ -398,6 +418,11 @@ class Config(_Strict):
             if self.data.segment_len % m.titans.chunk_size:
                 raise ValueError(f"model.titans.chunk_size ({m.titans.chunk_size}) does not divide "
                                  f"data.segment_len ({self.data.segment_len})")
+            if self.data.segment_len > m.max_seq_len:
+                raise ValueError(f"data.segment_len ({self.data.segment_len}) exceeds model.max_seq_len "
+                                 f"({m.max_seq_len}); Titans attends within a segment, the memory carries the rest")
+            if m.titans.pipeline_group and not m.titans.pipeline_layers:
+                raise ValueError("model.titans.pipeline_group is set but model.titans.pipeline_layers is false")
         if m.kind == "landmark" and self.data.segment_len % m.landmark.block_size:
             raise ValueError(f"model.landmark.block_size ({m.landmark.block_size}) does not divide "
                              f"data.segment_len ({self.data.segment_len})")
@@ -479,29 +504,35 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _format_validation_error(e: ValidationError, source: str) -> str:
+def _format_validation_error(e: ValidationError, source: str, overrides: list[str] = ()) -> str:
+    """'SOURCE: key.path: message', SOURCE the command-line override that set the key when one did. Errors of
+    a whole-config check (no key path) name their keys in the message."""
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+    loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     msg = msg.removeprefix("Value error, ")
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if loc and (loc == key or loc.startswith(key + ".")):
+            source = f"override {o}"
+    return f"{source}: {loc}: {msg}{more}" if loc else f"{source}: {msg}{more}"
 
 
-def from_dict(raw: dict, source: str = "config") -> Config:
+def from_dict(raw: dict, source: str = "config", overrides: list[str] = ()) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_format_validation_error(e, source)) from None
+        raise UserError(_format_validation_error(e, source, overrides)) from None
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (with `base:`), apply overrides, validate. Raises UserError on any problem."""
     raw = _read_yaml(path) if path else {}
     raw = apply_overrides(raw, overrides or [])
-    return from_dict(raw, source=path or "config")
+    return from_dict(raw, source=path or "config", overrides=overrides or [])
 
 
 def to_yaml(cfg: Config) -> str:

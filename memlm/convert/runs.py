@@ -364,7 +364,13 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
     memory_file = os.path.join(path, MEMORY_FILE)
     if saved_kind == cfg.model.kind and os.path.isfile(memory_file):
         section = config_lib.MEMORY_SECTIONS.get(cfg.model.kind)
-        if section is None or getattr(cfg.model, section).model_dump(mode="json") == saved.get(section):
+        diffs = [] if section is None else config_lib.config_differences(
+            saved.get(section), getattr(cfg.model, section).model_dump(mode="json"), f"model.{section}")
+        if diffs:
+            key, was, now = diffs[0]
+            log.warning("%s was %r in the exported run, %r now: the memory parameters of %s are not imported, the "
+                        "memory starts fresh", key, was, now, memory_file)
+        else:
             mem, _ = st.read(memory_file)
             flat.update(mem)
             log.info("memory parameters restored from %s", memory_file)

@@ -29,9 +29,6 @@ from memlm.train.optimizer import lr_schedule
 log = logging.getLogger(__name__)
 
 # Keys that may change between runs sharing a run dir (everything else in `model`/`data` must match).
-_MUTABLE_MODEL_KEYS = {"attention_impl", "remat"}
-
-
 def check_run_dir(cfg) -> None:
     """A run dir holding checkpoints must have been written by a compatible config. Raises UserError."""
     run_dir = cfg.run.dir
@@ -43,16 +40,13 @@ def check_run_dir(cfg) -> None:
     if not os.path.isfile(saved_path):
         raise UserError(f"{run_dir}: has checkpoints but no config.yaml; refusing to guess whether they match")
     saved = config_lib.load_config(saved_path)
-    for section in ("model",):
-        a, b = getattr(saved, section).model_dump(), getattr(cfg, section).model_dump()
-        for key in a:
-            if key in _MUTABLE_MODEL_KEYS:
-                continue
-            if a[key] != b.get(key):
-                raise UserError(
-                    f"{run_dir}: checkpoint was written with {section}.{key}={a[key]!r} but the config says "
-                    f"{b.get(key)!r} (use another run.dir)"
-                )
+    diffs = config_lib.config_differences(saved.model.model_dump(mode="json"), cfg.model.model_dump(mode="json"),
+                                          "model")
+    if diffs:
+        key, was, now = diffs[0]
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise UserError(f"{run_dir}: checkpoint was written with {key}={was!r} but the config says {now!r}{more} "
+                        "(use another run.dir)")
     for key in ("batch_size",):
         if getattr(saved.train, key) != getattr(cfg.train, key):
             raise UserError(f"{run_dir}: checkpoint was written with train.{key}={getattr(saved.train, key)}"
@@ -133,12 +127,16 @@ def warm_start(setup, source_dir: str):
     """Params from the latest checkpoint of another run (a curriculum's previous stage)."""
     src_ckpt = os.path.join(source_dir, "checkpoints")
     ckpt = Checkpointer(src_ckpt, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"train.init_from: {source_dir} has no checkpoint")
+        try:
+            params = ckpt.restore_params(step, setup.abstract_params)
+        except UserError as e:
+            raise UserError(f"train.init_from: {e}") from None
+    finally:
         ckpt.close()
-        raise UserError(f"train.init_from: {source_dir} has no checkpoint")
-    params = ckpt.restore_params(step, setup.abstract_params)
-    ckpt.close()
     log.info("warm start from %s step %d", source_dir, step)
     return params
 
@@ -177,9 +175,13 @@ def train(cfg) -> dict:
 
     mesh = mesh_from_config(cfg.mesh)
     setup = setup_lib.build_setup(cfg, mesh)
+    setup_lib.check_batch_split(setup)
     is_main = jax.process_index() == 0
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.max_checkpoints,
-                        cfg.train.async_checkpoint)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    warm = None  # read before the run dir is created, so a source that does not fit leaves nothing behind
+    if cfg.train.init_from and not (os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
+        warm = warm_start(setup, cfg.train.init_from)
+    ckpt = Checkpointer(ckpt_dir, cfg.train.max_checkpoints, cfg.train.async_checkpoint)
     start = ckpt.latest_step()
     if start is not None:
         params, opt_state, carry, data = ckpt.restore(start, setup.abstract_params, setup.abstract_opt,
@@ -193,9 +195,9 @@ def train(cfg) -> dict:
         log.info("resumed from step %d", start)
     else:
         start = 0
-        params = setup_lib.init_params(setup, cfg.run.seed)
-        if cfg.train.init_from:
-            params = warm_start(setup, cfg.train.init_from)
+        if warm is None and cfg.train.init_from:  # a checkpoints dir without a finished step
+            warm = warm_start(setup, cfg.train.init_from)
+        params = setup_lib.init_params(setup, cfg.run.seed) if warm is None else warm
         opt_state = setup_lib.init_opt_state(setup, params)
         carry = setup_lib.init_carry(setup, params)
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from memlm import sharding
+from memlm.errors import UserError
 from memlm.models.lm import build_model
 from memlm.train.optimizer import make_optimizer
 from memlm.train.step import make_eval_step, make_train_step
@@ -55,6 +56,19 @@ def batch_spec(cfg) -> dict[str, jax.ShapeDtypeStruct]:
     spec["loss_mask"] = jax.ShapeDtypeStruct((b, s, l), jnp.float32)
     spec["reset"] = jax.ShapeDtypeStruct((b, s), jnp.bool_)
     return spec
+
+
+def check_batch_split(setup: Setup) -> None:
+    """UserError unless train.batch_size splits evenly over the mesh axes the batch's leading dim is sharded on
+    (before a step is compiled or a run dir is written)."""
+    spec = setup.batch_sh["tokens"].spec
+    names = spec[0] if len(spec) else None
+    names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    shards = int(np.prod([setup.mesh.shape[a] for a in names]))
+    if setup.global_batch % shards:
+        axes = " x ".join(f"{a}={setup.mesh.shape[a]}" for a in names)
+        raise UserError(f"train.batch_size={setup.global_batch} is not divisible by the {shards} devices the batch "
+                        f"is split over (mesh {axes})")
 
 
 def build_setup(cfg, mesh: Mesh, batch_size: int | None = None) -> Setup:

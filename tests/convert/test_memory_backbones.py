@@ -4,6 +4,8 @@ imported Llama / GPT-2 keeps every tensor except those FFNs. Check: with the mem
 the imported model's logits equal the PyTorch model whose FFN in that layer is zeroed (max abs diff < 1e-4),
 which fails if any layer, norm, or position table landed in the wrong place."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,7 +151,7 @@ def test_memory_layers_export_hf(tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch,variant", [("llama", "mac"), ("gpt2", "mag")])
-def test_titans_export_hf(tmp_path, arch, variant):
+def test_titans_export_hf(tmp_path, caplog, arch, variant):
     """titans -> hf: every backbone tensor goes back to its own layer (an untrained import exports the source
     model's weights, so transformers gives the source's logits); memory and persistent tokens go to
     memory.safetensors, and `memlm import hf` restores identical parameters."""
@@ -168,6 +170,25 @@ def test_titans_export_hf(tmp_path, arch, variant):
     back = str(tmp_path / "back")
     runs.import_hf(out, back)
     _same_params(run_params(run), run_params(back), 300)
+    if variant != "mac":
+        return
+    # Options that change only how a step runs keep the exported memory; one that changes the memory's function
+    # starts it fresh, with a warning naming the key. The exported memory is shifted by 1 so that it differs from
+    # a fresh init with the same seed.
+    memory = {n: (a + 1).astype(a.dtype) for n, a in memory.items()}
+    st.write(f"{out}/memory.safetensors", memory)
+    same, fresh = str(tmp_path / "schedule_only"), str(tmp_path / "fresh")
+    runs.import_hf(out, same, ["model.titans.chunk_remat=false", "model.attention_q_block=8", "model.remat=full"])
+    with caplog.at_level(logging.WARNING, logger="memlm.convert.runs"):
+        runs.import_hf(out, fresh, ["model.titans.max_lr=0.05"])
+    assert any("model.titans.max_lr" in r.getMessage() and "starts fresh" in r.getMessage()
+               for r in caplog.records), caplog.text
+    orig, p_same, p_fresh = run_params(run), run_params(same), run_params(fresh)
+    shifted = [n for n in orig if "memory" in n]
+    assert shifted and set(shifted) <= set(p_same) and set(shifted) <= set(p_fresh)
+    for n in shifted:
+        np.testing.assert_allclose(p_same[n], orig[n] + 1, rtol=1e-6, atol=1e-6, err_msg=n)
+        np.testing.assert_array_equal(p_fresh[n], orig[n], err_msg=n)  # fresh: the seed's init, not the file
 
 
 def test_landmark_on_an_imported_gpt2(tmp_path):

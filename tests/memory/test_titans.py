@@ -469,9 +469,12 @@ def test_pipeline_group_bounds_the_layers_per_call_and_the_memory():
     ("model.titans.chunk_size=7", "model.titans.chunk_size"),
     ("model.titans.memory_depth=0", "model.titans.memory_depth"),
     ("model.titans.inner_grad_clip=-1", "model.titans.inner_grad_clip"),
+    ("data.segment_len=256", "model.max_seq_len (128)"),  # MAC attends within a segment
+    ("model.titans.pipeline_group=2", "model.titans.pipeline_layers is false"),
 ])
 def test_bad_config_exits_2_with_one_line(override, key, tmp_path):
-    r = run_memlm("train", "configs/tiny/titans_mac.yaml", override, f"run.dir={tmp_path}/run")
+    r = run_memlm("train", "configs/tiny/titans_mac.yaml", "data.source=synthetic", override,
+                  f"run.dir={tmp_path}/run")
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("memlm: error:") and key in lines[0], r.stderr
