@@ -77,6 +77,15 @@ def params_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | 
     return "; ".join(parts) or None
 
 
+def check_savable(tree: Any, what: str) -> None:
+    """UserError naming the first zero-size array of `tree` (orbax cannot write one), before a run dir is made."""
+    empty = [(k, shape) for k, shape in param_shapes(tree).items() if 0 in shape]
+    if empty:
+        k, shape = empty[0]
+        raise UserError(f"{what} {k} has shape {shape}: a zero-size array cannot be checkpointed (a memory of size "
+                        "0? set it >= 1, or use model.kind=baseline model.segment_local=true for no memory)")
+
+
 class Checkpointer:
     """Async save / sharded restore of (train state, memory carry, data position)."""
 

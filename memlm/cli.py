@@ -51,7 +51,7 @@ def cmd_train(args) -> int:
 def cmd_eval_lm(args) -> int:
     from memlm.eval.lm import eval_lm
 
-    result = eval_lm(args.run, args.split, args.max_batches, args.out)
+    result = eval_lm(args.run, args.split, args.max_batches, args.out, args.step)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -59,6 +59,8 @@ def cmd_eval_lm(args) -> int:
 # ---- compile -----------------------------------------------------------------------------------------------
 def cmd_compile(args) -> int:
     cfg = _load(args)
+    if args.devices < 0:
+        raise UserError(f"--devices: must be >= 1, got {args.devices}")
     if cfg.mesh.data <= 0 and not args.devices:
         raise UserError(f"mesh.data={cfg.mesh.data} (all devices): give the device count with --devices N")
     n = args.devices or cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
@@ -73,7 +75,7 @@ def cmd_compile(args) -> int:
 
     mesh = mesh_from_config(cfg.mesh, jax.devices()[:n])
     setup = setup_lib.build_setup(cfg, mesh)
-    setup_lib.check_batch_split(setup)
+    setup_lib.check_layout(setup)
     spec = setup_lib.batch_spec(cfg)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sh[k]) for k, v in spec.items()}
     step = setup_lib.jit_train_step(setup)
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Token-level perplexity (memory carried across segments).")
     lm.add_argument("--run", required=True, help="run directory")
     lm.add_argument("--split", default="validation", help="data split (default: validation)")
+    lm.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     lm.add_argument("--max-batches", type=int, default=None, help="cap on batches (default: the whole split)")
     lm.add_argument("--out", default=None, help="write the result JSON here")
     lm.set_defaults(func=cmd_eval_lm)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from memlm.errors import UserError
+from memlm.errors import UserError, not_utf8
 
 MODEL_KINDS = ("baseline", "rmt", "hmt", "lm2", "titans", "landmark", "memory_layers")
 
@@ -396,14 +396,19 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        if self.model.kind == "baseline":
+        if self.model.kind in ("baseline", "memory_layers"):  # one attention over the whole sequence
             span = self.data.segment_len if self.model.segment_local else self.seq_len
             if span > self.model.max_seq_len:
                 raise ValueError(
                     f"data.n_segments*data.segment_len = {span} exceeds model.max_seq_len = "
-                    f"{self.model.max_seq_len}; the baseline has no memory (use a memory model or "
-                    "model.segment_local=true)"
+                    f"{self.model.max_seq_len}; model.kind={self.model.kind} has no recurrent memory (use a "
+                    "memory model or model.segment_local=true)"
                 )
+        if self.train.batch_size % self.train.grad_accum:
+            raise ValueError(f"train.grad_accum ({self.train.grad_accum}) does not divide train.batch_size "
+                             f"({self.train.batch_size})")
+        if self.train.bptt_depth == 0 or self.train.bptt_depth < -1:
+            raise ValueError(f"train.bptt_depth must be -1 (full BPTT) or >= 1, got {self.train.bptt_depth}")
         if self.model.kind == "rmt":
             need = self.data.segment_len + 2 * self.model.rmt.num_mem_tokens
             if need > self.model.max_seq_len:
@@ -442,6 +447,8 @@ class Config(_Strict):
             bad = [i for i in ml.layers if not 0 <= i < m.n_layers]
             if bad:
                 raise ValueError(f"model.memory_layers.layers {bad} out of range for model.n_layers={m.n_layers}")
+            if len(set(ml.layers)) != len(ml.layers):
+                raise ValueError(f"model.memory_layers.layers {ml.layers} lists a layer twice")
         if self.data.tokenizer == "bytes" and self.model.vocab_size < 259:
             raise ValueError("model.vocab_size must be >= 259 for the byte tokenizer")
         return self
@@ -467,14 +474,18 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{path}: config file not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: top level must be a mapping")
     base = raw.pop("base", None)
     if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{path}: base: expected the path of a config file, got {base!r}")
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
         raw = _deep_merge(_read_yaml(base_path, seen + (path,)), raw)
     return raw
@@ -495,8 +506,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError:
             parsed = value
         node = raw
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             child = node.get(p)
+            if child is not None and not isinstance(child, dict):  # a section given as a scalar: not ours to drop
+                raise UserError(f"override {item!r}: {'.'.join(parts[:i + 1])} is {child!r}, not a mapping")
             child = dict(child) if isinstance(child, dict) else {}
             node[p] = child
             node = child
@@ -539,10 +552,22 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """cfg with its file and directory paths made absolute (against the working directory), so that a run's
+    config.yaml reads the same from anywhere (`memlm eval --run` from another directory)."""
+    def absolute(section, *keys):
+        return section.model_copy(update={k: os.path.abspath(getattr(section, k)) for k in keys
+                                          if getattr(section, k)})
+
+    return cfg.model_copy(update={"run": absolute(cfg.run, "dir"), "train": absolute(cfg.train, "init_from"),
+                                  "data": absolute(cfg.data, "path", "tokenizer_path", "cache_dir")})
+
+
 def save_config(cfg: Config, path: str) -> None:
+    """A run dir's config.yaml (paths made absolute)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(to_yaml(cfg))
+        f.write(to_yaml(with_absolute_paths(cfg)))
     os.replace(tmp, path)
 
 

@@ -5,6 +5,11 @@ class UserError(Exception):
     """Bad input from the user (config, data, checkpoint). The message names the key, file or field."""
 
 
+def not_utf8(path, e: UnicodeDecodeError) -> UserError:
+    """The one-line error for a text file that does not decode as UTF-8."""
+    return UserError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start})")
+
+
 class TrainingDiverged(Exception):
     """The training loss became NaN/inf. The CLI reports it in one line with exit code 1; the checkpoints
     written before the divergence are kept and the diverged state is not saved."""

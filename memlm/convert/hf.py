@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memlm.convert import safetensors_io as st
-from memlm.errors import UserError
+from memlm.errors import UserError, not_utf8
 
 SUPPORTED = ("llama", "gpt2")
 GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation of GELU
@@ -57,8 +57,10 @@ def read_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found (a Hugging Face checkpoint dir has config.json + model.safetensors)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not readable JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, dict):
@@ -286,9 +288,9 @@ def weight_files(directory: str) -> list[str]:
         return [single]
     if os.path.isfile(index):
         try:
-            with open(index) as f:
+            with open(index, encoding="utf-8") as f:
                 wmap = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):  # ValueError: bad JSON or not UTF-8
             raise UserError(f"{index}: not a safetensors index (needs a weight_map)") from None
         return [os.path.join(directory, s) for s in sorted(set(wmap.values()))]
     if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):

@@ -6,8 +6,8 @@ destination is only replaced with `force`.
 
 An imported run dir is what `memlm train` resumes from (memlm.train.loop): config.yaml (run.dir = the dir)
 and checkpoints/0 holding the full train state: params, a fresh optimizer state for `train.*`, the initial
-memory carry for `train.batch_size` rows, and the data position of a fresh batcher over the configured data
-(so `data.*` and `train.batch_size` must be given at import time; `memlm train` refuses to change them).
+memory carry for `train.batch_size` rows, and a fresh data position (the first `memlm train` starts the data
+anew and checks data.* then; `train.batch_size` is fixed at import, since the carry has one row per batch slot).
 """
 
 from __future__ import annotations
@@ -52,7 +52,11 @@ def _np_dtype(name: str):
     return np.float32 if name == "float32" else ml_dtypes.bfloat16
 
 
-def _check_destination(out: str, force: bool, what: str) -> None:
+def _check_destination(out: str, force: bool, what: str, source: str) -> None:
+    """The output may be replaced (--force) but never be, contain or sit inside the source it is made from."""
+    o, src = os.path.realpath(out), os.path.realpath(source)
+    if o == src or o.startswith(src + os.sep) or src.startswith(o + os.sep):
+        raise UserError(f"{out}: the output would overwrite its own source {source}; choose another path")
     if os.path.lexists(out) and not force:
         raise UserError(f"{out}: already exists (pass --force to overwrite the {what})")
     parent = os.path.dirname(os.path.abspath(out))
@@ -128,9 +132,10 @@ def plain_backbone(m, flat: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray
 
 
 # ---- export -------------------------------------------------------------------------------------------------
-def load_run_params(run: str, step: int | None):
-    """(config, step, params on one device) of a run dir's checkpoint (latest unless `step`)."""
-    cfg = config_lib.read_run_config(run)
+def load_run_params(run: str, step: int | None, cfg=None):
+    """(config, step, params on one device) of a run dir's checkpoint (latest unless `step`); cfg: the run's
+    config when already read."""
+    cfg = cfg or config_lib.read_run_config(run)
     ckpt = Checkpointer(os.path.join(run, "checkpoints"), async_save=False)
     try:
         steps = ckpt.all_steps()
@@ -202,8 +207,9 @@ def export_run(run: str, fmt: str, out: str, step: int | None = None, dtype: str
     if fmt not in FORMATS:
         raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     npd = _np_dtype(dtype)
-    _check_destination(out, force, "export")
-    cfg, step, params = load_run_params(run, step)
+    cfg = config_lib.read_run_config(run)  # a bad --run is named before a bad --out
+    _check_destination(out, force, "export", run)
+    cfg, step, params = load_run_params(run, step, cfg)
     flat = flat_lib.to_flat(params, npd) if fmt != "params" else None
     files: dict[str, bytes] = {}
     if fmt == "hf":
@@ -254,18 +260,12 @@ def _train_state(setup, params):
 
 
 def _data_position(cfg, tokenizer) -> dict:
-    """The position of a fresh training batcher over the configured data (what the trainer restores)."""
-    from memlm.data import pipeline
-
+    """A fresh data position: the trainer starts the data anew (and validates data.* then), so an import needs
+    no training data at hand."""
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size} ({tokenizer.name})")
-    corpus = pipeline.get_corpus(cfg, "train", tokenizer)
-    try:
-        batcher = pipeline.train_batcher(cfg, corpus, list(range(cfg.train.batch_size)))
-    except ValueError as e:
-        raise UserError(f"data: {e}") from None
-    return {**batcher.state(), "fresh": True}
+    return {"fresh": True}
 
 
 def _write_run(setup, params, out: str, tokenizer, extra: dict[str, bytes]) -> None:
@@ -325,7 +325,7 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
     overrides = list(overrides or [])
     if not os.path.isdir(path):
         raise UserError(f"{path}: not a directory (a Hugging Face checkpoint dir)")
-    _check_destination(out, force, "run dir")
+    _check_destination(out, force, "run dir", path)
     hf_cfg = hf_lib.read_config(path)
     fields = hf_lib.model_fields(hf_cfg, os.path.join(path, "config.json"))
     raw: dict = {}
@@ -387,6 +387,11 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
         raise UserError(f"model.kind={cfg.model.kind}: its decoder does not have the plain {cfg.model.arch} layout "
                         f"(no parameter {alien[0]}), so a {hf_lib.architecture(hf_cfg)} checkpoint cannot be its "
                         "backbone")
+    fresh = sorted(known - set(flat))
+    if fresh:
+        lost = saved_kind == cfg.model.kind and not os.path.isfile(memory_file)  # a memlm export without its memory
+        log.log(logging.WARNING if lost else logging.INFO, "%d parameters are not in %s%s and start fresh (e.g. %s)",
+                len(fresh), path, f" ({MEMORY_FILE} is missing)" if lost else "", fresh[0])
     params = setup_lib.init_params(setup, cfg.run.seed)
 
     def given(p: tuple[str, ...]) -> bool:
@@ -401,7 +406,7 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
 def import_safetensors(path: str, out: str, overrides: list[str] | None = None, force: bool = False) -> dict:
     """A `memlm export --format safetensors` file -> a run dir with exactly those parameters."""
     overrides = list(overrides or [])
-    _check_destination(out, force, "run dir")
+    _check_destination(out, force, "run dir", path)
     _, meta, _ = st.read_header(path)
     if "memlm.config" not in meta:
         raise UserError(f"{path}: no memlm.config metadata (not written by `memlm export --format safetensors`)")

@@ -69,6 +69,14 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 
+def source_fingerprint(root: str | os.PathLike) -> str:
+    """Digest of (path, size, mtime) of every .json / .parquet file under root: a prepared TFDS copy records
+    it, so a source changed after preparation is detected instead of silently served stale."""
+    entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in Path(root).rglob("*") if p.is_file() and p.suffix in (".json", ".parquet"))
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+
+
 def find_babilong_cells(root: str | os.PathLike) -> dict[str, list[str]]:
     """{task: [length, ...]} of the cells in a local BABILong directory (either layout, with or without
     the ``data/`` level), tasks in qa order, lengths shortest first.
@@ -154,6 +162,7 @@ class LocalBabilong(tfds.core.GeneratorBasedBuilder):
         if task not in cells:
             raise UserError(f"{root}: no BABILong data for {task} (the directory has {', '.join(cells)})")
         self.info.metadata["source_dir"] = root
+        self.info.metadata["source_fingerprint"] = source_fingerprint(root)
         return {length: self._generate_examples(root, task, length) for length in cells[task]}
 
     def _generate_examples(self, root: str, task: str, length: str):
@@ -188,6 +197,9 @@ def prepare_babilong(
                     f"{builder.data_dir}: {BABILONG_TFDS_NAME}/{task} was prepared from {src}, not {root}; "
                     "use another TFDS directory"
                 )
+            if builder.info.metadata.get("source_fingerprint") != source_fingerprint(root):
+                raise UserError(f"{root}: its files changed since {BABILONG_TFDS_NAME}/{task} was prepared into "
+                                f"{builder.data_dir}; delete that directory or use another TFDS directory")
         # TFDS prints its "Downloading and preparing" banner to stdout; keep stdout for results.
         with contextlib.redirect_stdout(sys.stderr):
             builder.download_and_prepare(

@@ -312,6 +312,8 @@ def load_corpus(
     key = _digest([CACHE_VERSION, source, root, split, fingerprint_of(tokenizer), stats])
     name = f"{source}:{os.path.basename(root)}:{split}:{tokenizer.name}"
 
+    if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise UserError(f"{cache_dir}: the cache dir (data.cache_dir / --cache-dir) is a file, not a directory")
     final_dir = os.path.join(cache_dir, "corpus", key) if cache_dir else None
     if final_dir and os.path.isfile(os.path.join(final_dir, "meta.json")):
         return Corpus.load(final_dir)

@@ -239,7 +239,7 @@ def load_tokenizer(kind: str, path: str | None = None) -> Tokenizer:
     if kind not in TOKENIZER_KINDS:
         raise UserError(f"tokenizer: unknown kind {kind!r}; choose one of {', '.join(TOKENIZER_KINDS)}")
     if not path:
-        raise UserError(f"tokenizer: kind {kind!r} needs a tokenizer file path")
+        raise UserError(f"data.tokenizer_path: data.tokenizer={kind!r} needs a tokenizer file path")
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     return GPT2Tokenizer(path)
@@ -263,6 +263,9 @@ def _training_lines(src: str | os.PathLike | Sequence[str | os.PathLike]) -> tup
         files = [p]
     else:
         files = [Path(f) for f in src]
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise UserError(f"{missing[0]}: tokenizer training input not found")
     texts = []
     for f in files:
         try:

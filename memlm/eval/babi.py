@@ -27,7 +27,7 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from memlm.errors import UserError
+from memlm.errors import UserError, not_utf8
 
 # ----------------------------------------------------------------------------------------------------------
 # Reader
@@ -115,6 +115,8 @@ def read_babi_file(path: str | Path, max_n_facts: int | None = None) -> list[dic
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read bAbI file ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
     return parse_babi_text(text, source=str(path), max_n_facts=max_n_facts)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from memlm.errors import UserError
+from memlm.errors import UserError, not_utf8
 from memlm.eval.babi import generate_task, parse_babi_text, read_babi_file
 from memlm.eval.babilong_scorer import check_task
 
@@ -345,6 +345,8 @@ def read_babilong_json(path: str | Path) -> list[dict[str, str]]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

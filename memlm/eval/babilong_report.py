@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
-from memlm.errors import UserError
+from memlm.errors import UserError, not_utf8
 from memlm.eval.babilong_data import parse_length
 from memlm.eval.babilong_scorer import TASKS, check_task, get_metric, mean_stderr
 from memlm.eval.prompts import PromptConfig, n_examples, parse_prompt_config_name
@@ -443,6 +443,8 @@ def read_predictions_csv(path: str | Path) -> list[dict]:
             raise UserError(
                 f"{path}: row {len(rows) + 1} (line {reader.line_num}): malformed CSV ({e})"
             ) from e
+        except UnicodeDecodeError as e:
+            raise not_utf8(path, e) from None
     return rows
 
 

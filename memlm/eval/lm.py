@@ -9,7 +9,7 @@ import os
 import jax
 
 from memlm.data import pipeline
-from memlm.errors import DIVERGENCE_HINT, NonFiniteOutput
+from memlm.errors import DIVERGENCE_HINT, NonFiniteOutput, UserError
 from memlm.sharding import make_mesh
 from memlm.train import setup as setup_lib
 from memlm.train.loop import evaluate_loss
@@ -47,11 +47,17 @@ class WindowedCorpus:
         return self._corpus.doc(i)[a:b]
 
 
-def eval_lm(run_dir: str, split: str, max_batches: int | None = None, out: str | None = None) -> dict:
-    """Mean token NLL and perplexity over `split`, streamed in training-shaped batches with memory carried."""
+def eval_lm(run_dir: str, split: str, max_batches: int | None = None, out: str | None = None,
+            step: int | None = None) -> dict:
+    """Mean token NLL and perplexity over `split`, streamed in training-shaped batches with memory carried
+    (checkpoint `step`, default the latest)."""
     from memlm import api
 
-    lm = api.load(run_dir)
+    if max_batches is not None and max_batches < 1:
+        raise UserError(f"--max-batches: must be >= 1, got {max_batches}")
+    if out and os.path.isdir(out):
+        raise UserError(f"--out {out}: is a directory (give the path of the result JSON)")
+    lm = api.load(run_dir, step)
     cfg = lm.config
     tokenizer = lm.tokenizer
     corpus = pipeline.get_corpus(cfg, split, tokenizer)

@@ -18,7 +18,7 @@ import numpy as np
 
 from memlm import config as config_lib
 from memlm import distributed
-from memlm.checkpoint import Checkpointer
+from memlm.checkpoint import Checkpointer, check_savable
 from memlm.data import pipeline
 from memlm.errors import TrainingDiverged, UserError
 from memlm.metrics import MetricsWriter
@@ -175,7 +175,9 @@ def train(cfg) -> dict:
 
     mesh = mesh_from_config(cfg.mesh)
     setup = setup_lib.build_setup(cfg, mesh)
-    setup_lib.check_batch_split(setup)
+    setup_lib.check_layout(setup)
+    check_savable(setup.abstract_params, "parameter")
+    check_savable(setup.abstract_carry, "memory carry")
     is_main = jax.process_index() == 0
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     warm = None  # read before the run dir is created, so a source that does not fit leaves nothing behind

@@ -58,9 +58,9 @@ def batch_spec(cfg) -> dict[str, jax.ShapeDtypeStruct]:
     return spec
 
 
-def check_batch_split(setup: Setup) -> None:
-    """UserError unless train.batch_size splits evenly over the mesh axes the batch's leading dim is sharded on
-    (before a step is compiled or a run dir is written)."""
+def check_layout(setup: Setup) -> None:
+    """UserError unless train.batch_size and every parameter and carry array split evenly over the mesh axes
+    they are sharded on (checked before a step is compiled or a run dir is written)."""
     spec = setup.batch_sh["tokens"].spec
     names = spec[0] if len(spec) else None
     names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
@@ -69,6 +69,15 @@ def check_batch_split(setup: Setup) -> None:
         axes = " x ".join(f"{a}={setup.mesh.shape[a]}" for a in names)
         raise UserError(f"train.batch_size={setup.global_batch} is not divisible by the {shards} devices the batch "
                         f"is split over (mesh {axes})")
+    mesh = ", ".join(f"{a}={n}" for a, n in setup.mesh.shape.items())
+    for what, tree in (("parameter", setup.abstract_params), ("memory carry", setup.abstract_carry)):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            try:
+                leaf.sharding.shard_shape(leaf.shape)
+            except ValueError:
+                name = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
+                raise UserError(f"{what} {name} of shape {leaf.shape} does not split evenly over mesh ({mesh}) "
+                                f"as {leaf.sharding.spec}: choose mesh sizes that divide it") from None
 
 
 def build_setup(cfg, mesh: Mesh, batch_size: int | None = None) -> Setup:

@@ -46,7 +46,8 @@ def test_rmt_on_an_imported_gpt2_fine_tunes_and_evaluates(tmp_path):
 
 
 def test_import_writes_the_state_the_trainer_restores(tmp_path):
-    """checkpoints/0 holds params, a fresh optimizer state, the carry and a fresh data position."""
+    """checkpoints/0 holds params, a fresh optimizer state, the carry and a fresh data position (no data is
+    read at import)."""
     src = tiny_gpt2(str(tmp_path / "hf"))
     run = str(tmp_path / "run")
     runs.import_hf(src, run, [*FAST, "model.kind=rmt", "model.rmt.num_mem_tokens=2"])
@@ -63,6 +64,4 @@ def test_import_writes_the_state_the_trainer_restores(tmp_path):
     np.testing.assert_array_equal(np.asarray(carry["memory"][1]), np.asarray(params["mem_init"][...]))
     mu = opt[1][0].mu  # adamw's first moment: zeros
     assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in __import__("jax").tree.leaves(mu))
-    pos = data["data_position"]
-    assert pos["fresh"] and pos["segment_len"] == 16
-    assert pos["slots"] == {str(i): {"epoch": 0, "index": 0, "offset": 0} for i in range(2)}
+    assert data["data_position"] == {"fresh": True}  # the trainer starts the data anew (and checks data.* then)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.core.cli_utils import run_memlm, snapshot
+from tests.core.cli_utils import ROOT, run_memlm, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +108,49 @@ def test_config_errors_name_the_override_and_compile_checks_the_mesh(tmp_path):
     r = run_memlm("compile", *BASE)  # mesh.data=-1: the device count must be given
     _check_error(r, "mesh.data=-1", "--devices")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("yaml_text, args, needle", [
+    (None, ["train.grad_accum=3"], "train.grad_accum (3) does not divide train.batch_size (8)"),
+    (None, ["train.bptt_depth=0"], "train.bptt_depth must be -1 (full BPTT) or >= 1"),
+    (None, ["model.kind=rmt", "model.rmt.num_mem_tokens=0"], "mem_init has shape (0, 32): a zero-size array"),
+    (None, ["model.kind=memory_layers", "model.memory_layers.num_values=64", "model.memory_layers.k_dim=16",
+            "model.memory_layers.top_k=4", "data.n_segments=9"], "exceeds model.max_seq_len = 256"),
+    (None, ["model.kind=memory_layers", "model.memory_layers.num_values=64", "model.memory_layers.k_dim=16",
+            "model.memory_layers.top_k=4", "model.memory_layers.layers=[1,1]"], "lists a layer twice"),
+    ("base: 5\n", [], "base: expected the path of a config file"),
+    ("train: 5\n", ["train.steps=2"], "train is 5, not a mapping"),
+    (b"model:\n  d_model: 32 # caf\xe9\n", [], "not UTF-8 text"),
+])
+def test_more_bad_input_is_one_line_and_writes_nothing(tmp_path, yaml_text, args, needle):
+    config = BASE[0]
+    if yaml_text is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_bytes(yaml_text if isinstance(yaml_text, bytes) else yaml_text.encode())
+        config = str(path)
+    run_dir = tmp_path / "run"
+    r = run_memlm("train", config, *BASE[1:], "model.max_seq_len=256", "data.source=synthetic",
+                  f"run.dir={run_dir}", *args)
+    _check_error(r, needle)
+    assert not run_dir.exists()
+
+
+def test_mesh_run_and_output_paths_are_checked(tmp_path):
+    """compile: arrays that do not split over the mesh and bad --devices; eval lm: bad --max-batches / --out;
+    export: an output that would replace its own run; a run's config.yaml stores absolute paths."""
+    r = run_memlm("compile", *BASE, "mesh.tensor=3", "--devices", "3")
+    _check_error(r, "does not split evenly over mesh", "tensor=3")
+    r = run_memlm("compile", *BASE, "--devices", "-2")
+    _check_error(r, "--devices")
+    run_dir = tmp_path / "run"
+    r = run_memlm("train", *BASE, "data.source=synthetic", f"run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = (run_dir / "config.yaml").read_text()
+    assert f"dir: {run_dir}" in saved and f"path: {os.path.join(ROOT, 'data', 'books')}" in saved
+    before = snapshot(str(run_dir))
+    _check_error(run_memlm("eval", "lm", "--run", str(run_dir), "--max-batches", "0"), "--max-batches")
+    _check_error(run_memlm("eval", "lm", "--run", str(run_dir), "--out", str(tmp_path)), "is a directory")
+    for out in (run_dir, run_dir / "checkpoints", tmp_path):
+        r = run_memlm("export", "--run", str(run_dir), "--format", "safetensors", "--out", str(out), "--force")
+        _check_error(r, "would overwrite its own source")
+    assert snapshot(str(run_dir)) == before

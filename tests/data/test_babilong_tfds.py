@@ -157,6 +157,18 @@ def test_reuse_wrong_source_and_missing_task(prepared, json_dir, parquet_dir, tm
     assert "no BABILong data for qa7" in _user_error(b.download_and_prepare, download_config=cfg)
 
 
+def test_source_changed_after_preparation_is_refused(json_dir, records, tmp_path):
+    """A prepared config records its source's fingerprint: editing a file afterwards is an error, not stale data."""
+    root, tfds_dir = tmp_path / "babilong", tmp_path / "tfds"
+    shutil.copytree(json_dir, root)
+    first = bt.prepare_babilong(root, tfds_dir, ["qa1"])
+    assert bt.prepare_babilong(root, tfds_dir, ["qa1"]) == first  # unchanged: reused
+    length = next(x for (t, x) in records if t == "qa1")
+    write_babilong_json(root / "data" / "qa1" / f"{length}.json", records[("qa1", length)][:1])
+    msg = _user_error(bt.prepare_babilong, root, tfds_dir, ["qa1"])
+    assert "changed since" in msg and str(root) in msg
+
+
 @pytest.mark.parametrize(
     "name, content, needle",
     [

@@ -292,7 +292,7 @@ def test_non_finite_output_is_one_line_with_exit_code_1(monkeypatch, capsys):
     from memlm.errors import NonFiniteOutput
     from memlm.eval import lm as eval_lm_module
 
-    def diverged(run_dir, split, max_batches=None, out=None):
+    def diverged(run_dir, split, max_batches=None, out=None, step=None):
         raise NonFiniteOutput(f"eval lm {run_dir} ({split}): the mean token NLL is nan")
 
     monkeypatch.setattr(eval_lm_module, "eval_lm", diverged)
