@@ -87,12 +87,31 @@ class LoadedModel:
                                            jnp.asarray(pos, jnp.int32))
         return logits[:, :n, : self.vocab_size], new
 
+    def _token_ids(self, tokens, what: str = "tokens") -> np.ndarray:
+        """tokens as an int32 array; UserError for ragged rows, non-integer values or ids outside the vocabulary
+        (the padded embedding rows past vocab_size would otherwise answer them silently)."""
+        try:
+            arr = np.asarray(tokens)
+        except ValueError:
+            raise UserError(f"{what}: rows of different lengths (pad them to one length)") from None
+        if arr.size == 0:
+            return arr.astype(np.int32)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise UserError(f"{what}: expected integer token ids, got {arr.dtype} (text goes through "
+                            "lm.tokenizer.encode first)")
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        if bad.size:
+            raise UserError(f"{what}: id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})")
+        return arr.astype(np.int32)
+
     def logits(self, tokens) -> np.ndarray:
         """int32 [batch, seq] -> float32 [batch, seq, vocab]; memory models stream segment by segment."""
-        tokens = np.asarray(tokens, np.int32)
+        tokens = self._token_ids(tokens)
         if tokens.ndim != 2:
             raise UserError(f"tokens: expected [batch, seq], got shape {tokens.shape}")
         b, t = tokens.shape
+        if t == 0:
+            return np.zeros((b, 0, self.vocab_size), np.float32)
         if self.stateless:
             if t > self.config.model.max_seq_len:
                 raise UserError(f"sequence of {t} tokens is longer than model.max_seq_len="
@@ -107,7 +126,11 @@ class LoadedModel:
 
     def token_nll(self, tokens) -> np.ndarray:
         """Per-token negative log-likelihood of tokens[:, 1:] given the prefix: float32 [batch, seq-1]."""
-        tokens = np.asarray(tokens, np.int32)
+        tokens = self._token_ids(tokens)
+        if tokens.ndim != 2:
+            raise UserError(f"tokens: expected [batch, seq], got shape {tokens.shape}")
+        if tokens.shape[1] < 2:
+            return np.zeros((tokens.shape[0], 0), np.float32)
         logp = jax.nn.log_softmax(jnp.asarray(self.logits(tokens[:, :-1])), axis=-1)
         return -np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens[:, 1:, None]), axis=-1)[..., 0])
 
@@ -117,7 +140,7 @@ class LoadedModel:
         Memory models: full segments of the prompt pass through the memory once; the open segment is
         re-run per new token (cost O(segment_len) per token, memory constant in the context length).
         """
-        ids = [int(x) for x in np.asarray(prompt_tokens).reshape(-1)]
+        ids = [int(x) for x in self._token_ids(prompt_tokens, "prompt_tokens").reshape(-1)]
         if not ids:
             raise UserError("generate: the prompt is empty")
         eos = self.tokenizer.eos_id if eos_id is None else eos_id

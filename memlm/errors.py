@@ -1,5 +1,11 @@
 """User-facing errors: reported in one line by the CLI with exit code 2."""
 
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """Bad input from the user (config, data, checkpoint). The message names the key, file or field."""
@@ -23,3 +29,23 @@ class NonFiniteOutput(ValueError):
 # Appended to NonFiniteOutput messages: the one known way a trained model here produces NaN on valid input.
 DIVERGENCE_HINT = ("a Titans memory's chunked inner update can diverge on a long stream or a run of identical tokens; "
                    "model.titans.inner_grad_clip > 0 bounds it")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (anything else is argparse's one-line usage error, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def run_script(main: Callable[[], int | None], prog: str) -> int:
+    """A script's main() with the memlm CLI's contract: a UserError is one line on stderr and exit code 2."""
+    try:
+        return int(main() or 0)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

@@ -24,6 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from memlm.errors import positive_int, run_script  # noqa: E402
+
 
 class _Bench:
     """One config compiled at one size, with its own state and batches; `run(k)` times k more steps."""
@@ -125,10 +127,16 @@ def _bench_config(path: str, overrides: list[str], seg_len: int, n_seg: int, ste
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
+    """argparse type: 'SEGMENT_LENxN_SEGMENTS[,...]' -> [(segment_len, n_segments), ...]."""
     out = []
     for item in text.split(","):
-        seg, n = item.lower().split("x")
-        out.append((int(seg), int(n)))
+        try:
+            seg, n = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected SEGMENT_LENxN_SEGMENTS, e.g. 128x2") from None
+        if seg < 1 or n < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: sizes must be >= 1")
+        out.append((seg, n))
     return out
 
 
@@ -155,14 +163,14 @@ def main() -> int:
     t = sub.add_parser("train", help="throughput and memory of one config at several sizes")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*")
-    t.add_argument("--sizes", default="128x2", help="SEGMENT_LENxN_SEGMENTS[,...]")
-    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--sizes", type=_sizes, default="128x2", help="SEGMENT_LENxN_SEGMENTS[,...]")
+    t.add_argument("--steps", type=positive_int, default=10)
     t.add_argument("--out", default=None)
     c = sub.add_parser("compare", help="several configs in one process, as ratios against the first")
     c.add_argument("configs", nargs="+", help="config paths; `path:key=value;key=value` adds overrides")
-    c.add_argument("--sizes", default="128x2")
-    c.add_argument("--steps", type=int, default=10, help="timed steps per config per round")
-    c.add_argument("--rounds", type=int, default=1, help="round-robin rounds over the configs")
+    c.add_argument("--sizes", type=_sizes, default="128x2")
+    c.add_argument("--steps", type=positive_int, default=10, help="timed steps per config per round")
+    c.add_argument("--rounds", type=positive_int, default=1, help="round-robin rounds over the configs")
     c.add_argument("--out", default=None)
     k = sub.add_parser("kernel", help="a kernel benchmark from pallas_kernels/<op>/bench.py")
     k.add_argument("op", choices=["chunked_memory", "landmark_attention", "pkm_lookup"])
@@ -170,13 +178,13 @@ def main() -> int:
     args = p.parse_args()
 
     if args.cmd == "train":
-        rows = [_bench_config(args.config, args.overrides, s, n, args.steps) for s, n in _sizes(args.sizes)]
+        rows = [_bench_config(args.config, args.overrides, s, n, args.steps) for s, n in args.sizes]
         _print_table(rows, ["kind", "segment_len", "n_segments", "params", "compile_s", "step_s",
                             "tokens_per_sec", "temp_mib", "max_rss_gib"])
         _write(args.out, rows)
     elif args.cmd == "compare":
         rows = []
-        for s, n in _sizes(args.sizes):
+        for s, n in args.sizes:
             parts = [c.partition(":") for c in args.configs]
             specs = [(path, [o for o in ov.split(";") if o]) for path, _, ov in parts]
             benches = [_Bench(path, ov, s, n) for path, ov in specs]
@@ -207,4 +215,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.exit(main())
+    sys.exit(run_script(main, "bench.py"))

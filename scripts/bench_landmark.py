@@ -27,6 +27,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from memlm.errors import UserError, positive_int, run_script  # noqa: E402
+
 MIB = 2**20
 
 
@@ -93,10 +95,11 @@ def full_attention_step(model, carry: dict, tokens):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/tiny/landmark.yaml")
-    p.add_argument("--context", type=int, default=32768)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--chunks", type=int, default=4, help="timed chunks per model")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--config", default=os.path.join(root, "configs", "tiny", "landmark.yaml"))
+    p.add_argument("--context", type=positive_int, default=32768)
+    p.add_argument("--top-k", type=positive_int, default=4)
+    p.add_argument("--chunks", type=positive_int, default=4, help="timed chunks per model")
     p.add_argument("--no-one-pass", action="store_true", help="skip compiling the one-pass full attention")
     p.add_argument("--out", default=None)
     p.add_argument("overrides", nargs="*")
@@ -119,6 +122,8 @@ def main() -> int:
                                                      f"model.landmark.cache_blocks={blocks}",
                                                      "model.max_seq_len=1048576"])
     C = cfg.data.segment_len
+    if args.context < C:
+        raise UserError(f"--context {args.context}: shorter than one chunk (data.segment_len = {C})")
     V = cfg.model.vocab_size
     rng = np.random.default_rng(0)
     make_tokens = lambda i: jnp.asarray(rng.integers(3, V, size=(1, C)), jnp.int32)
@@ -176,4 +181,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "bench_landmark.py"))

@@ -6,6 +6,13 @@
 #   4. evaluate validation perplexity and print a greedy sample
 # Run it again and it reuses the venv, the books and the checkpoints.
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+             echo "Environment: PYTHON (default python3), RUN_DIR (runs/tiny_baseline), BOOKS_DIR (data/books)."
+             exit 0 ;;
+  "") ;;
+  *) echo "demo.sh: takes no arguments (got '$1'; --help explains)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 RUN=${RUN_DIR:-runs/tiny_baseline}

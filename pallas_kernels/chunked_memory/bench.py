@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memlm.errors import positive_int
 from pallas_kernels.chunked_memory.reference import chunked_memory_reference
 from pallas_kernels.chunked_memory.xla import chunked_memory_xla, default_coefficient_scan
 
@@ -103,17 +104,19 @@ def run(T: int = 4096, d: int = 64, batch: int = 4, chunk_size: int = 64, depth:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--T", type=int, default=4096)
-    p.add_argument("--d", type=int, default=64)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--depth", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--T", type=positive_int, default=4096)
+    p.add_argument("--d", type=positive_int, default=64)
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--chunk", type=positive_int, default=64)
+    p.add_argument("--depth", type=positive_int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--path", default="auto", choices=["auto", "linear", "factored", "per_token"])
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
     p.add_argument("--coefficient-scan", choices=["associative", "sequential", "doubling"], default=None,
                    help="how the chunk coefficients are computed (default: sequential on CPU)")
     a = p.parse_args()
+    if a.T % a.chunk:
+        p.error(f"--chunk {a.chunk} does not divide --T {a.T}")
     print(json.dumps(run(a.T, a.d, a.batch, a.chunk, a.depth, a.repeats, path=a.path,
                          backward=not a.no_backward, coefficient_scan=a.coefficient_scan)))
 

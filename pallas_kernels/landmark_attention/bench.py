@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memlm.errors import positive_int
+
 from .reference import landmark_attention_reference
 from .xla import landmark_attention_xla
 
@@ -83,13 +85,15 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--T", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--T", type=positive_int, default=2048)
+    p.add_argument("--block-size", type=positive_int, default=64)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--iters", type=positive_int, default=3)
     a = p.parse_args(argv)
+    if a.T % a.block_size:
+        p.error(f"--block-size {a.block_size} does not divide --T {a.T}")
     print(json.dumps(run(a.T, a.block_size, a.batch, a.heads, a.head_dim, a.iters), indent=1))
 
 

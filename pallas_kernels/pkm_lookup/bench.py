@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from memlm.errors import positive_int
 from pallas_kernels.pkm_lookup.xla import pkm_lookup_xla
 
 
@@ -106,14 +107,20 @@ def run(
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, nargs="+", default=[2**16, 2**18, 2**20])
-    p.add_argument("--d", type=int, default=128)
-    p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=32)
-    p.add_argument("--k-dim", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--n", type=positive_int, nargs="+", default=[2**16, 2**18, 2**20])
+    p.add_argument("--d", type=positive_int, default=128)
+    p.add_argument("--tokens", type=positive_int, default=1024)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--top-k", type=positive_int, default=32)
+    p.add_argument("--k-dim", type=positive_int, default=256)
+    p.add_argument("--repeats", type=positive_int, default=5)
     a = p.parse_args(argv)
+    for n in a.n:
+        root = math.isqrt(n)
+        if root * root != n:
+            p.error(f"--n {n}: not a perfect square (product keys: sqrt(N) x sqrt(N))")
+        if a.top_k > root:
+            p.error(f"--top-k {a.top_k} exceeds sqrt(--n {n}) = {root}")
     print(json.dumps(run(tuple(a.n), d=a.d, tokens=a.tokens, heads=a.heads, top_k=a.top_k, k_dim=a.k_dim,
                          repeats=a.repeats), indent=1))
 
