@@ -46,15 +46,14 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _dotted(path) -> str:
+def dotted(path) -> str:
     """A tree path as 'decoder.blocks.attn.wk.kernel' (nnx's trailing '.value' dropped)."""
-    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+    return jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
 
 
 def param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """{dotted path: shape} of every array (or ShapeDtypeStruct / orbax ArrayMetadata) leaf."""
-    return {_dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def params_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
