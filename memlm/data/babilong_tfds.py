@@ -35,19 +35,15 @@ import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # P13: silence oneDNN / cuInit noise
+import numpy as np
 
-import numpy as np  # noqa: E402
-import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-
-from memlm.data.seqio_tasks import LocalTfdsDataSource, TokenizerVocabulary  # noqa: E402
-from memlm.data.tokenizers import Tokenizer, fingerprint_of  # noqa: E402
-from memlm.errors import UserError  # noqa: E402
-from memlm.eval.babilong_data import LENGTHS, load_babilong_dir, parse_length  # noqa: E402
-from memlm.eval.babilong_scorer import TASK_LABELS, check_task  # noqa: E402
-from memlm.eval.prompts import PromptConfig, parse_prompt_config_name  # noqa: E402
+# seqio, tensorflow and tfds come through seqio_tasks, which imports tensorflow with its native notices silenced
+from memlm.data.seqio_tasks import LocalTfdsDataSource, TokenizerVocabulary, seqio, tf, tfds
+from memlm.data.tokenizers import Tokenizer, fingerprint_of
+from memlm.errors import UserError
+from memlm.eval.babilong_data import LENGTHS, load_babilong_dir, parse_length
+from memlm.eval.babilong_scorer import TASK_LABELS, check_task
+from memlm.eval.prompts import PromptConfig, parse_prompt_config_name
 
 BABILONG_TFDS_NAME = "local_babilong"
 BABILONG_TFDS_VERSION = "1.0.0"

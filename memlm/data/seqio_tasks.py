@@ -20,6 +20,23 @@ from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # P13: silence oneDNN / cuInit noise
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its startup notice ignores the level above
+
+
+def _import_quietly():
+    """Import tensorflow with the C++ runtime's stderr (fd 2) sent to /dev/null: TF's native logger prints its
+    cudart / CPU-feature notices before TF_CPP_MIN_LOG_LEVEL is read. Python-level errors still surface."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+_import_quietly()
 
 import numpy as np  # noqa: E402
 import seqio  # noqa: E402

@@ -9,6 +9,7 @@ The data is made by the project's own generator (babilong_data.build_dataset) pl
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -280,3 +281,13 @@ def test_eval_reader_does_not_import_the_data_layer():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_importing_the_data_layer_prints_no_native_tf_notices():
+    """TF's native logger prints cudart / oneDNN notices on import whatever TF_CPP_MIN_LOG_LEVEL says; the data
+    layer imports it with fd 2 silenced, so a one-line data error stays one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    r = subprocess.run([sys.executable, "-c", "import memlm.data.babilong_tfds; print('ok')"], capture_output=True,
+                       text=True, timeout=120, cwd=Path(__file__).resolve().parents[2], env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert "cudart" not in r.stderr and "oneDNN" not in r.stderr and "absl::InitializeLog" not in r.stderr, r.stderr
