@@ -37,6 +37,16 @@ INTERPRET = False  # --smoke: run the Pallas kernels in interpret mode at small 
 SMOKE = False
 COMPARE_ROWS = ""  # --rows: a regex on model_compare's "width/row" keys (default: all)
 UNROLL_SWEEP = False  # section unroll_sweep: model_compare's code on unroll_configs() at 16 segments
+COMPILE_WORKERS = 8  # --compile-workers: model_compare's parallel XLA compiles
+PROGRESS_PATH = ""  # <--out>.partial.json: model_compare's results so far, rewritten after every row
+
+
+def save_progress(section: dict) -> None:
+    """Write a section's results so far: a run cut by the device's time limit in the middle of a long section
+    (session 15: model_compare at 4K context compiled for > 6 min and left nothing) still leaves what it did."""
+    if PROGRESS_PATH:
+        with open(PROGRESS_PATH, "w") as f:
+            json.dump(section, f, indent=1, default=str)
 
 
 def rel(a, b) -> float:
@@ -432,6 +442,7 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
         return unroll_configs()
     if width == "d512_4k":  # the paper's 4K context (8 segments of 512), the same tokens per step as d512
         keep = ("baseline", "baseline_full_attention", "baseline_full_attention_qb512", "titans_mag_c64_unroll8",
+                "titans_mag_c64_unroll8_rolled",
                 "titans_mag_c64_unroll8_pipelined", "titans_mag_c64_unroll8_no_chunk_ckpt",
                 "titans_mag_c64_unroll8_pipelined_no_chunk_ckpt", "titans_mag_c64_unroll8_pipelined_qb128")
         return [r for r in compare_configs("d512") if r[0] in keep]
@@ -466,6 +477,12 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                   "model.titans.chunk_size=64;model.titans.scan_unroll=8"),
                  ("titans_mag_triton_c64", TINY + "titans_mag.yaml",
                   "model.titans.implementation=triton;model.titans.chunk_size=64"),
+                 # the same with the segment loop rolled (model.segment_unroll=false): one copy of the 4 layers'
+                 # 32 chunk steps in the program instead of one per segment. Session 15's lease compiled the
+                 # unrolled d512_4k rows for > 6 min on the H200 and timed none; on CPU rolling halves the compile
+                 # (32.1 -> 14.8 s at d512_4k), at the cost of a while loop over segments on the GPU
+                 ("titans_mag_c64_unroll8_rolled", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.segment_unroll=false"),
                  # the layers pipelined over segments (session 12): 4 + 4 - 1 = 7 sequential block calls, the active
                  # layers' chunk loops batched into one, instead of 16 (titans_pipeline.py; equal values, tested)
                  ("titans_mag_pipelined", TINY + "titans_mag.yaml", "model.titans.pipeline_layers=true"),
@@ -526,22 +543,30 @@ def _load_bench():
 
 def _compile_all(benches: dict, out: dict, workers: int) -> None:
     """Compile the lowered _Bench objects at once in a thread pool; one that fails is moved from benches to
-    out[key] = {"error": ...} so the others still run."""
-    from concurrent.futures import ThreadPoolExecutor
+    out[key] = {"error": ...} so the others still run. Each finished compile is printed and saved at once."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    def compile_one(item):
-        key, b = item
+    t0 = time.perf_counter()
+
+    def compile_one(key, b):
         try:
             b.compile()
-            return key, None
+            return None
         except Exception as e:
-            return key, f"{type(e).__name__}: {e}"[:400]
+            return f"{type(e).__name__}: {e}"[:400]
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for key, err in pool.map(compile_one, list(benches.items())):
+        futures = {pool.submit(compile_one, key, b): key for key, b in benches.items()}
+        for fut in as_completed(futures):
+            key, err = futures[fut], fut.result()
             if err:
                 out[key] = dict(error=err)
                 benches.pop(key)
+            else:
+                out.setdefault("compile_seconds", {})[key] = round(benches[key].compile_s, 1)
+            print(f"model_compare: compiled {key} at {time.perf_counter() - t0:.1f} s"
+                  f"{' ERROR ' + err if err else ''}", flush=True)
+            save_progress(out)
 
 
 def section_model_compare() -> dict:
@@ -566,11 +591,13 @@ def section_model_compare() -> dict:
             try:
                 b = bench._Bench(path, [o for o in (model + ";" + extra).split(";") if o], seg, n, compile=False)
                 benches[key] = b
+                print(f"model_compare: lowered {key} in {b.lower_s:.1f} s", flush=True)
             except Exception as e:  # one config failing to build must not lose the others
                 out[key] = dict(error=f"{type(e).__name__}: {e}"[:400])
     out["lower_s"] = round(time.perf_counter() - t0, 1)
+    save_progress(out)
     t0 = time.perf_counter()
-    _compile_all(benches, out, workers=8)
+    _compile_all(benches, out, workers=COMPILE_WORKERS)
     out["compile_wall_s"] = round(time.perf_counter() - t0, 1)
     print(f"model_compare: lowered in {out['lower_s']} s, compiled {len(benches)} in {out['compile_wall_s']} s",
           flush=True)
@@ -592,6 +619,7 @@ def section_model_compare() -> dict:
                             time_per_token_vs_segment_local=(r["sec_per_token"] / base["sec_per_token"]
                                                              if base else None))
             print(f"model_compare {key}: {out[key]}", flush=True)
+            save_progress(out)
         for b in mine.values():  # free the device buffers before the next width
             b.params = b.opt = b.carry = b.compiled = None
     return out
@@ -809,11 +837,21 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated section names (default: all)")
     p.add_argument("--smoke", action="store_true", help="CPU check of this script: interpreted kernels, small shapes")
     p.add_argument("--rows", default="", help="model_compare: only the rows whose 'width/name' matches this regex")
+    p.add_argument("--compile-workers", type=int, default=8, help="model_compare: XLA compiles run at once")
+    p.add_argument("--cache-dir", default="", help="JAX's persistent compilation cache (a later run with the same "
+                   "jax, GPU and rows loads the compiled steps instead of compiling them again)")
     p.add_argument("--recall-job", default="", help=argparse.SUPPRESS)  # internal: one RECALL_JOBS run
     a = p.parse_args()
-    global INTERPRET, SMOKE, COMPARE_ROWS
+    global INTERPRET, SMOKE, COMPARE_ROWS, COMPILE_WORKERS, PROGRESS_PATH
     INTERPRET = SMOKE = a.smoke
     COMPARE_ROWS = a.rows
+    if a.compile_workers < 1:
+        p.error(f"--compile-workers must be >= 1, got {a.compile_workers}")
+    COMPILE_WORKERS = a.compile_workers
+    PROGRESS_PATH = os.path.splitext(a.out)[0] + ".partial.json"
+    if a.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", a.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if a.recall_job:
         recall_job(a.recall_job)
         return 0

@@ -78,3 +78,25 @@ def test_trace_summary_counts_stream_kernels_once(tmp_path):
     fams = {f["name"]: (f["per_step"], f["ms_per_step"]) for f in got["top_families"]}
     assert fams == {"input_reduce_fusion": (0.5, 0.02), "loop_add_fusion": (1.0, 0.01), "gemm": (0.5, 0.005)}
     assert [f["name"] for f in got["top_families"]] == ["input_reduce_fusion", "loop_add_fusion", "gemm"]
+
+
+def test_model_compare_saves_each_row_as_it_finishes(tmp_path):
+    """model_compare prints and saves every lowered, compiled and timed row at once (<out>.partial.json), so a
+    run the device's time limit cuts still leaves what it finished (session 15's lease left nothing)."""
+    out = tmp_path / "mc.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on the GPU machine
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--smoke",
+                           "--only", "model_compare", "--rows", "^d512/(baseline|rmt_m0)$", "--compile-workers", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for key in ("d512/baseline", "d512/rmt_m0"):
+        assert f"model_compare: lowered {key} in " in proc.stdout
+        assert f"model_compare: compiled {key} at " in proc.stdout
+    partial = json.loads((tmp_path / "mc.partial.json").read_text())
+    assert set(partial["compile_seconds"]) == {"d512/baseline", "d512/rmt_m0"}
+    assert partial["d512/baseline"]["time_per_token_vs_segment_local"] == 1.0
+    assert partial["d512/rmt_m0"]["step_ms"] > 0
+    assert json.loads(out.read_text())["model_compare"] == partial
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--compile-workers", "0"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--compile-workers must be >= 1" in bad.stderr
