@@ -143,7 +143,9 @@ class BackgroundSampler:
     def _text(self, path: Path) -> str:
         if path not in self._texts:
             try:
-                self._texts[path] = path.read_text(encoding="utf-8", errors="replace")
+                self._texts[path] = path.read_text(encoding="utf-8")  # as training reads books: no silent U+FFFD
+            except UnicodeDecodeError as e:
+                raise not_utf8(path, e) from e
             except OSError as e:
                 raise UserError(f"{path}: cannot read book ({e.strerror or e})") from e
         return self._texts[path]

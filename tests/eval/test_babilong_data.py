@@ -143,6 +143,13 @@ def test_background_sampler_exact_and_from_books(books):
         assert "Train text" not in "".join(BYTES.decode(x) for x in sents)
 
 
+def test_background_sampler_refuses_a_book_that_is_not_utf8(tmp_path):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "1.txt").write_bytes("Caf\xe9 au lait. ".encode("latin-1") * 50)
+    with pytest.raises(UserError, match=r"1\.txt: not UTF-8 text \(undecodable byte at offset 3\)"):
+        BackgroundSampler(tmp_path, BYTES, random.Random(0)).sample(100)
+
+
 class StubBackground:
     """Known sentences: sentence k is ten copies of token 1000+k."""
 
