@@ -6,6 +6,8 @@ import os
 
 from memlm.errors import UserError
 
+GENERATED_SPLITS = ("train", "validation", "test")  # the generated sources' splits (each its own seed)
+
 
 def get_tokenizer(data_cfg):
     from memlm.data.tokenizers import load_tokenizer
@@ -16,16 +18,19 @@ def get_tokenizer(data_cfg):
 def get_corpus(cfg, split: str, tokenizer):
     """The tokenized corpus for `split` of the configured source."""
     d = cfg.data
+    if d.source in ("synthetic", "assoc_recall", "babilong") and split not in GENERATED_SPLITS:
+        raise UserError(f"data split {split!r} does not exist: data.source={d.source} generates "
+                        f"{', '.join(GENERATED_SPLITS)}")
     if d.source == "synthetic":
         from memlm.data.synthetic import SyntheticCorpus
 
-        seed = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
+        seed = GENERATED_SPLITS.index(split)
         return SyntheticCorpus(cfg.model.vocab_size, n_docs=d.synthetic_docs, min_len=d.segment_len,
                                max_len=4 * d.segment_len * d.n_segments, seed=seed, eos_id=tokenizer.eos_id)
     if d.source == "assoc_recall":
         from memlm.data.synthetic import AssociativeRecallCorpus
 
-        seed = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
+        seed = GENERATED_SPLITS.index(split)
         in_window = d.recall_in_window if split == "train" else 0.0
         try:
             corpus = AssociativeRecallCorpus(d.synthetic_docs, d.n_segments, d.segment_len,

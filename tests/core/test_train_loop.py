@@ -134,6 +134,11 @@ def test_metrics_eval_and_load_api(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout[r.stdout.index("{"):])
     assert np.isfinite(res["token_perplexity"]) and res["token_perplexity"] > 1
+    # a split the synthetic source does not have is refused in one line (it was scored on seed 3's documents)
+    r = run_memlm("eval", "lm", "--run", run_dir, "--split", "bogus", "--max-batches", "2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "memlm: error: data split 'bogus' does not exist: data.source=synthetic generates train, validation, test"
+    ], r.stderr
 
 
 def test_compile_prints_params_and_memory():
