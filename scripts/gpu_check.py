@@ -442,7 +442,9 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
         return unroll_configs()
     if width == "d512_4k":  # the paper's 4K context (8 segments of 512), the same tokens per step as d512
         keep = ("baseline", "baseline_full_attention", "baseline_full_attention_qb512", "titans_mag_c64_unroll8",
-                "titans_mag_c64_unroll8_rolled",
+                "titans_mag_c64_unroll8_rolled", "titans_mag_c64_unroll8_parallel_retrieval",
+                "titans_mag_c64_unroll8_rolled_parallel_retrieval",
+                "titans_mag_c64_unroll8_pipelined_parallel_retrieval",
                 "titans_mag_c64_unroll8_pipelined", "titans_mag_c64_unroll8_no_chunk_ckpt",
                 "titans_mag_c64_unroll8_pipelined_no_chunk_ckpt", "titans_mag_c64_unroll8_pipelined_qb128")
         return [r for r in compare_configs("d512") if r[0] in keep]
@@ -483,6 +485,16 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  # (32.1 -> 14.8 s at d512_4k), at the cost of a while loop over segments on the GPU
                  ("titans_mag_c64_unroll8_rolled", TINY + "titans_mag.yaml",
                   "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.segment_unroll=false"),
+                 # the chunk loop carries only the memory state; the retrievals (8 of a depth-2 chunk step's 15
+                 # matmuls) run after it for all chunks at once (session 15; equal values, tested)
+                 ("titans_mag_c64_unroll8_parallel_retrieval", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.titans.parallel_retrieval=true"),
+                 ("titans_mag_c64_unroll8_rolled_parallel_retrieval", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.segment_unroll=false;"
+                  "model.titans.parallel_retrieval=true"),
+                 ("titans_mag_c64_unroll8_pipelined_parallel_retrieval", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.titans.pipeline_layers=true;"
+                  "model.titans.parallel_retrieval=true"),
                  # the layers pipelined over segments (session 12): 4 + 4 - 1 = 7 sequential block calls, the active
                  # layers' chunk loops batched into one, instead of 16 (titans_pipeline.py; equal values, tested)
                  ("titans_mag_pipelined", TINY + "titans_mag.yaml", "model.titans.pipeline_layers=true"),

@@ -146,7 +146,8 @@ class NeuralMemory(nnx.Module):
                                    par(momentum), chunk_size=self.cfg.titans.chunk_size,
                                    retrieve_after_update=after, implementation=None if impl == "auto" else impl,
                                    grad_clip=self.cfg.titans.inner_grad_clip, unroll=self.cfg.titans.scan_unroll,
-                                   remat=self.cfg.titans.chunk_remat)
+                                   remat=self.cfg.titans.chunk_remat,
+                                   parallel_retrieval=self.cfg.titans.parallel_retrieval)
         unpar = lambda ws: tuple(w.reshape((b, H) + w.shape[1:]).astype(jnp.float32) for w in ws)
         y = jnp.swapaxes(y.reshape(b, H, t, dh), 1, 2).astype(jnp.float32)
         return y, unpar(w1), unpar(s1)

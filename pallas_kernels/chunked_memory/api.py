@@ -102,6 +102,7 @@ def chunked_memory(
     grad_clip: float = 0.0,
     unroll: int = 1,
     remat: bool = True,
+    parallel_retrieval: bool = False,
 ) -> tuple[jax.Array, Params, Params]:
     """Titans memory update + retrieval over whole sequences.
 
@@ -121,6 +122,8 @@ def chunked_memory(
       unroll: chunks per iteration of the XLA chunk loop (xla path only; the Pallas kernels loop inside).
       remat: checkpoint each chunk of the XLA chunk loop (xla path only): False saves every chunk's intermediates
         for the backward instead of recomputing them (more memory, one forward of the chunk fewer).
+      parallel_retrieval: the XLA chunk loop carries only the memory state and the retrievals run after it, for all
+        chunks at once (xla path only; the same values, fewer sequential kernels, more memory; xla.py).
 
     Returns:
       y [batch, T, d_v]; final params and final momentum (tuples like init_params). Passing them as
@@ -165,5 +168,5 @@ def chunked_memory(
             y, M, S = fn(q, k, v, theta, eta, alpha, params, momentum, interpret=interpret, **kw)
             return y.astype(q.dtype), M, S
     y, M, S = xla.chunked_memory_xla(q, k, v, theta, eta, alpha, params, momentum, unroll=unroll, remat=remat,
-                                     **kw)
+                                     parallel_retrieval=parallel_retrieval, **kw)
     return y.astype(q.dtype), M, S

@@ -313,11 +313,12 @@ def linear_chunk_backward(W, S, q, k, v, G, H, C, CW, CS, g, h, e, dy, dW1, dS1,
 
 
 def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, remat: bool = True,
-                clip: float = 0.0, unroll: int = 1):
+                clip: float = 0.0, unroll: int = 1, parallel_retrieval: bool = False):
     """Linear memory over whole sequences from precomputed coefficients (the layout the kernels take).
 
     q, k [B, T, d_k]; v [B, T, d_v]; G, H, CW, CS [B, T, 1]; C [B, T, b]; g, h, e [B, T/b, 1, 1];
-    W0, S0 [B, d_k, d_v]; clip: per-token gradient-norm bound (0: none); unroll: chunks per loop iteration.
+    W0, S0 [B, d_k, d_v]; clip: per-token gradient-norm bound (0: none); unroll: chunks per loop iteration;
+    parallel_retrieval: the loop runs linear_chunk_state only, the retrievals run after it for all chunks at once.
     Returns y [B, T, d_v], W_T, S_T.
     """
     b = chunk_size
@@ -325,6 +326,17 @@ def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, r
     def one(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0):
         nc = q.shape[0] // b
         split = lambda x: x.reshape((nc, b) + x.shape[1:])
+
+        if parallel_retrieval:
+            def body(carry, xs):
+                E, W, S = linear_chunk_state(*carry, *xs, clip=clip)
+                return (W, S), (carry, E)
+
+            body = jax.checkpoint(body) if remat else body
+            xs = tuple(map(split, (k, v, CW, CS))) + (g, h, e)
+            (W, S), ((Wc, Sc), E) = lax.scan(body, (W0, S0), xs, unroll=min(unroll, nc))
+            y = jax.vmap(linear_chunk_output)(Wc, Sc, split(q), split(k), E, split(G), split(H), split(C))
+            return y.reshape((nc * b,) + y.shape[2:]), W, S
 
         def body(carry, xs):
             W, S = carry
@@ -340,18 +352,9 @@ def linear_core(q, k, v, G, H, C, CW, CS, g, h, e, W0, S0, *, chunk_size: int, r
 
 
 # ------------------------------------------------------------------------------------------ deep memory
-def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation, clip: float = 0.0):
-    """One chunk of an L-layer bias-free MLP memory without per-token weights.
-
-    Each layer's per-token gradient at the chunk-start weights is an outer product a_j^T delta_j
-    (a_j: the layer's input for key k_j, delta_j: d loss_j / d pre-activation), taken with jax.grad
-    w.r.t. zero offsets on the pre-activations (one batched backward for the chunk). The weights that
-    token j reads are M_j = G_j M0 + H_j S0 + sum_i C_ji a_i^T delta_i for every layer, so the
-    retrieval is, layer by layer, z = G (x W0) + H (x S0) + (C o x A^T) Delta: attention-like matmuls.
-    Ms, Ss: tuples of [d_in, d_out]; other shapes as linear_chunk_forward. clip > 0 rescales token j's
-    gradient (all layers together, ||u_j||^2 = sum_l |a_j^l|^2 |delta_j^l|^2) to norm <= clip: every delta_j^l
-    is multiplied by the same clip_scale.
-    """
+def _factored_state(Ms, Ss, k, v, CW, CS, g, h, e, activation, clip: float = 0.0):
+    """The state half of _factored_chunk: (inputs a^l [b, d_in^l], deltas [b, d_out^l] per layer, chunk-end M, S).
+    Token j's gradient of layer l is a_j^l^T delta_j^l, taken at the chunk-start weights Ms."""
     act = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}[activation]
     L = len(Ms)
 
@@ -370,23 +373,63 @@ def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation, clip:
                  for a, dl in zip(inputs, deltas))
         s = clip_scale(n2, clip)
         deltas = [s * dl for dl in deltas]
-    x, M1, S1 = q, [], []
+    M1 = tuple(g * W + h * S + _dot(a, CW * dl, ta=True) for W, S, a, dl in zip(Ms, Ss, inputs, deltas))
+    S1 = tuple(e * S + _dot(a, CS * dl, ta=True) for S, a, dl in zip(Ss, inputs, deltas))
+    return tuple(inputs), tuple(deltas), M1, S1
+
+
+def _factored_output(Ms, Ss, q, inputs, deltas, G, H, C, activation):
+    """The retrieval half of _factored_chunk: y [b, d_out] from the chunk-start Ms, Ss and the chunk's
+    inputs / deltas (_factored_state), layer by layer z = G (x W0) + H (x S0) + (C o x A^T) Delta."""
+    act = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}[activation]
+    x, L = q, len(Ms)
     for l, (W, S, a, dl) in enumerate(zip(Ms, Ss, inputs, deltas)):
         z = G * _dot(x, W) + H * _dot(x, S) + _dot(C * _dot(x, a, tb=True), dl)
         x = act(z) if l + 1 < L else z
-        M1.append(g * W + h * S + _dot(a, CW * dl, ta=True))
-        S1.append(e * S + _dot(a, CS * dl, ta=True))
-    return x, tuple(M1), tuple(S1)
+    return x
 
 
-def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True, clip: float = 0.0, unroll: int = 1):
+def _factored_chunk(Ms, Ss, q, k, v, G, H, C, CW, CS, g, h, e, activation, clip: float = 0.0):
+    """One chunk of an L-layer bias-free MLP memory without per-token weights.
+
+    Each layer's per-token gradient at the chunk-start weights is an outer product a_j^T delta_j
+    (a_j: the layer's input for key k_j, delta_j: d loss_j / d pre-activation), taken with jax.grad
+    w.r.t. zero offsets on the pre-activations (one batched backward for the chunk). The weights that
+    token j reads are M_j = G_j M0 + H_j S0 + sum_i C_ji a_i^T delta_i for every layer, so the
+    retrieval is, layer by layer, z = G (x W0) + H (x S0) + (C o x A^T) Delta: attention-like matmuls.
+    Ms, Ss: tuples of [d_in, d_out]; other shapes as linear_chunk_forward. clip > 0 rescales token j's
+    gradient (all layers together, ||u_j||^2 = sum_l |a_j^l|^2 |delta_j^l|^2) to norm <= clip: every delta_j^l
+    is multiplied by the same clip_scale.
+    """
+    inputs, deltas, M1, S1 = _factored_state(Ms, Ss, k, v, CW, CS, g, h, e, activation, clip)
+    return _factored_output(Ms, Ss, q, inputs, deltas, G, H, C, activation), M1, S1
+
+
+def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True, clip: float = 0.0, unroll: int = 1,
+                  parallel_retrieval: bool = False):
     """Any depth via _factored_chunk. q, k [B, T, d_k]; v [B, T, d_v]; c = coefficients_batched(...);
-    M0, S0: tuples of [B, d_in, d_out]. Returns y [B, T, d_v], final M, final S (tuples)."""
+    M0, S0: tuples of [B, d_in, d_out]. Returns y [B, T, d_v], final M, final S (tuples).
+    parallel_retrieval: the chunk loop runs only _factored_state and returns every chunk's start weights; the
+    retrievals (_factored_output) then run for all chunks at once (see chunked_memory_xla)."""
     b = chunk_size
 
     def one(q, k, v, c, M0, S0):
         nc = q.shape[0] // b
         split = lambda x: x.reshape((nc, b) + x.shape[1:])
+        per_tok = {n: split(c[n]) for n in ("G", "H", "C", "CW", "CS")}
+        if parallel_retrieval:
+            def body(carry, xs):
+                kc, vc, cc = xs
+                a, dl, M, S = _factored_state(*carry, kc, vc, cc["CW"], cc["CS"], cc["g"], cc["h"], cc["e"],
+                                              activation, clip)
+                return (M, S), (carry, a, dl)
+
+            body = jax.checkpoint(body) if remat else body
+            xs = (split(k), split(v), {n: per_tok[n] for n in ("CW", "CS")} | {n: c[n] for n in ("g", "h", "e")})
+            (M, S), ((Mc, Sc), a, dl) = lax.scan(body, (M0, S0), xs, unroll=min(unroll, nc))
+            out = lambda *xs: _factored_output(*xs, activation)
+            y = jax.vmap(out)(Mc, Sc, split(q), a, dl, per_tok["G"], per_tok["H"], per_tok["C"])
+            return y.reshape((nc * b,) + y.shape[2:]), M, S
 
         def body(carry, xs):
             qc, kc, vc, cc = xs
@@ -395,7 +438,6 @@ def factored_core(q, k, v, c, M0, S0, *, chunk_size, activation, remat=True, cli
             return (M, S), y
 
         body = jax.checkpoint(body) if remat else body
-        per_tok = {n: split(c[n]) for n in ("G", "H", "C", "CW", "CS")}
         xs = (split(q), split(k), split(v), per_tok | {n: c[n] for n in ("g", "h", "e")})
         (M, S), y = lax.scan(body, (M0, S0), xs, unroll=min(unroll, nc))
         return y.reshape((nc * b,) + y.shape[2:]), M, S
@@ -457,6 +499,7 @@ def chunked_memory_xla(
     coefficient_scan: str | None = None,
     grad_clip: float = 0.0,
     unroll: int = 1,
+    parallel_retrieval: bool = False,
 ) -> tuple[jax.Array, Params, Params]:
     """Chunked parallel form. q, k [B, T, d_k]; v [B, T, d_v]; gates [B, T]; params and momentum0 tuples
     of [B, d_in, d_out]. Returns y [B, T, d_v], final params, final momentum (at least float32).
@@ -469,6 +512,11 @@ def chunked_memory_xla(
     <= grad_clip before the momentum update (reference.py's rule); 0 (default, the paper): no clipping.
     unroll: chunks per iteration of the chunk loop ('linear' and 'factored'; lax.scan's unroll). A GPU runs each
     iteration of an XLA loop with a host round trip, so unrolling trades compile time for fewer of them.
+    parallel_retrieval ('linear' and 'factored'): the chunk loop carries only the state (the keys' gradients and
+    the M, S update: the sequential part) and saves every chunk's start weights; the retrievals, which no later
+    chunk reads, then run for all chunks at once as batched matmuls, as chunked linear attention computes its chunk
+    states first and its outputs after. The same values; fewer sequential kernels (more than half of a deep chunk
+    step's matmuls are retrieval) for one more copy of the per-chunk weights, [T/b, d_in, d_out] per layer.
     """
     dt = jnp.promote_types(q.dtype, jnp.float32)
     cast = lambda x: x.astype(dt)
@@ -487,10 +535,10 @@ def chunked_memory_xla(
             raise ValueError(f"path='linear' needs depth 1, got {len(params)}")
         y, W, S = linear_core(q, k, v, c["G"], c["H"], c["C"], c["CW"], c["CS"], c["g"], c["h"], c["e"],
                               params[0], momentum[0], chunk_size=chunk_size, remat=remat, clip=grad_clip,
-                              unroll=unroll)
+                              unroll=unroll, parallel_retrieval=parallel_retrieval)
         return y, (W,), (S,)
     if path != "factored":
         raise ValueError(f"unknown path {path!r}")
     y, M, S = factored_core(q, k, v, c, params, momentum, chunk_size=chunk_size, activation=activation,
-                            remat=remat, clip=grad_clip, unroll=unroll)
+                            remat=remat, clip=grad_clip, unroll=unroll, parallel_retrieval=parallel_retrieval)
     return y, tuple(M), tuple(S)

@@ -108,3 +108,14 @@ def assert_same_loss_and_grads(got, want, what: str = "") -> None:
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12, what
+
+
+def dots_by_scan_depth(jaxpr, depth: int = 0, counts: dict | None = None) -> dict[int, int]:
+    """{number of enclosing scans: dot_generals there} of a jaxpr, sub-jaxprs (vmap, checkpoint, cond) included."""
+    counts = {} if counts is None else counts
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            counts[depth] = counts.get(depth, 0) + 1
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            dots_by_scan_depth(sub, depth + (eqn.primitive.name == "scan"), counts)
+    return counts

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.memory.common import assert_same_loss_and_grads, make, make_batch, model_loss
+from tests.memory.common import assert_same_loss_and_grads, dots_by_scan_depth, make, make_batch, model_loss
 
 pytestmark = pytest.mark.unit
 
@@ -95,3 +95,22 @@ def test_titans_chunk_remat_changes_the_program_not_the_gradient(variant):
         vals[flag] = jax.value_and_grad(loss)(params)
     assert counts[True] > counts[False], counts
     assert_same_loss_and_grads(vals[True], vals[False], variant)
+
+
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_titans_parallel_retrieval_changes_the_program_not_the_gradient(variant):
+    """`model.titans.parallel_retrieval: true` moves the memory's retrievals out of the chunk loop: fewer matmuls
+    in the innermost loop (the chunks'), as many in all, the same loss and gradients (float32 rounding)."""
+    extra = {"titans": {**KINDS[3][1]["titans"], "variant": variant}}
+    vals, dots = {}, {}
+    for flag in (False, True):
+        extra["titans"]["parallel_retrieval"] = flag
+        cfg, model = make("titans", segment_remat=False, **extra)
+        gd, params = nnx.split(model)
+        loss = model_loss(gd, make_batch(cfg, seed=3))
+        dots[flag] = dots_by_scan_depth(jax.make_jaxpr(loss)(params).jaxpr)
+        vals[flag] = jax.value_and_grad(loss)(params)
+    inner = max(dots[False])
+    assert dots[True][inner] < dots[False][inner], dots
+    assert sum(dots[True].values()) == sum(dots[False].values()), dots
+    assert_same_loss_and_grads(vals[False], vals[True], variant)

@@ -16,6 +16,7 @@ import pytest
 
 from memlm.errors import UserError
 from pallas_kernels.chunked_memory import api, bench, reference, tpu, tpu_deep, triton, triton_deep, xla
+from tests.memory.common import dots_by_scan_depth
 
 pytestmark = pytest.mark.kernels
 
@@ -177,6 +178,36 @@ def test_unrolled_chunk_loop_is_the_same_function(depth):
         assert_close(jax.jit(jax.grad(outer_loss(fn(u)), ALL_ARGS))(*args), g_want, what=f"unroll {u} grad")
     whiles = lambda u: jax.jit(fn(u)).lower(*args).as_text().count("stablehlo.while")
     assert whiles(1) >= 1 and whiles(2) >= 1 and whiles(4) == 0, (whiles(1), whiles(2), whiles(4))
+
+
+@pytest.mark.parametrize("depth,after,clip,remat,unroll", [(1, False, 0.0, True, 1), (1, True, CLIP, False, 2),
+                                                          (2, False, CLIP, True, 1), (2, True, 0.0, False, 4),
+                                                          (3, False, 0.0, True, 2)])
+def test_parallel_retrieval_equals_reference(depth, after, clip, remat, unroll):
+    """parallel_retrieval=True: the chunk loop carries only the state, the retrievals run after it for all chunks.
+    Values and outer gradients against the token loop, as the in-loop form is held to."""
+    args = make(depth, T=32, edge_gates=True)  # 4 chunks of 8
+    kw = dict(chunk_size=8, retrieve_after_update=after, grad_clip=clip)
+    fn = lambda *a: xla.chunked_memory_xla(*a, remat=remat, unroll=unroll, parallel_retrieval=True, **kw)
+    want_fn = lambda *a: reference.chunked_memory_reference(*a, **kw)
+    assert_close(jax.jit(fn)(*args), jax.jit(want_fn)(*args), what="parallel retrieval forward")
+    g_ref = jax.jit(jax.grad(outer_loss(want_fn), ALL_ARGS))(*args)
+    assert_close(jax.jit(jax.grad(outer_loss(fn), ALL_ARGS))(*args), g_ref, what="parallel retrieval backward")
+
+
+@pytest.mark.parametrize("depth,loop_dots", [(1, (7, 3)), (2, (15, 7))])
+def test_parallel_retrieval_moves_the_retrieval_out_of_the_loop(depth, loop_dots):
+    """The chunk loop body keeps only the state update: linear 7 -> 3 matmuls per chunk (k W, and k^T E into W and
+    S), depth 2: 15 -> 7 (keys forward 2, their backward 1, 2 updates per layer); the retrieval's matmuls run outside
+    the loop, once for all chunks."""
+    args = make(depth, T=32)
+    kw = dict(chunk_size=8, retrieve_after_update=False, coefficient_scan="associative")
+    count = lambda parallel: dots_by_scan_depth(jax.make_jaxpr(
+        lambda *a: xla.chunked_memory_xla(*a, parallel_retrieval=parallel, **kw))(*args).jaxpr)
+    default, parallel = count(False), count(True)
+    (out_default, in_default), (out_parallel, in_parallel) = ((d.get(0, 0), d.get(1, 0)) for d in (default, parallel))
+    assert (in_default, in_parallel) == loop_dots, (default, parallel)
+    assert out_parallel - out_default == in_default - in_parallel  # moved out of the loop, not dropped
 
 
 @pytest.mark.parametrize("after,b", [(False, 8), (True, 8), (False, 5)])
