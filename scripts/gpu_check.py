@@ -863,7 +863,7 @@ def main() -> int:
     PROGRESS_PATH = os.path.splitext(a.out)[0] + ".partial.json"
     if a.cache_dir:
         jax.config.update("jax_compilation_cache_dir", a.cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if a.recall_job:
         recall_job(a.recall_job)
         return 0

@@ -87,7 +87,8 @@ def test_model_compare_saves_each_row_as_it_finishes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on the GPU machine
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--smoke",
                            "--only", "model_compare", "--rows", "^d512/(baseline|rmt_m0)$", "--compile-workers", "2",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+                           "--cache-dir", str(tmp_path / "jax_cache"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for key in ("d512/baseline", "d512/rmt_m0"):
         assert f"model_compare: lowered {key} in " in proc.stdout
@@ -97,6 +98,7 @@ def test_model_compare_saves_each_row_as_it_finishes(tmp_path):
     assert partial["d512/baseline"]["time_per_token_vs_segment_local"] == 1.0
     assert partial["d512/rmt_m0"]["step_ms"] > 0
     assert json.loads(out.read_text())["model_compare"] == partial
+    assert len(os.listdir(tmp_path / "jax_cache")) >= 2  # both compiled steps, for a later run to load
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--compile-workers", "0"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--compile-workers must be >= 1" in bad.stderr
