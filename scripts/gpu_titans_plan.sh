@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The Titans-MAG timing plan for a lent GPU (BENCHMARKS.md "Titans", session 15), as one command: three
+# model_compare runs, each its own process under its own share of the time left, every row printed and saved as it
+# lowers, compiles and times ($OUT_DIR/<step>.partial.json), compiled steps shared through one JAX cache.
+#
+#   bash scripts/gpu_titans_plan.sh OUT_DIR [TOTAL_SECONDS] [extra gpu_check.py args, e.g. --smoke]
+set -u
+if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+out=$1
+total=${2:-540}
+shift $(( $# >= 2 ? 2 : 1 ))
+case $total in ''|*[!0-9]*) echo "gpu_titans_plan.sh: TOTAL_SECONDS must be a whole number, got '$total'" >&2; exit 2;; esac
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+start=$SECONDS
+cache=${TMPDIR:-/tmp}/memlm_jax_cache
+
+extra=("$@")
+set --
+step() { _step "$@" "${extra[@]}"; }
+_step() {  # name, percent of the time left, row regex, extra gpu_check.py args
+  local name=$1 pct=$2 rows=$3; shift 3
+  local left=$(( total - (SECONDS - start) ))
+  local limit=$(( left * pct / 100 ))
+  if [ "$limit" -lt 30 ]; then echo "== $name: skipped ($left s left)"; return; fi
+  echo "== $name: up to $limit s"
+  timeout "$limit" python3 scripts/gpu_check.py --only model_compare --rows "$rows" --cache-dir "$cache" \
+    --out "$out/$name.json" "$@" > "$out/$name.log" 2>&1
+  echo "== $name: exit $? after $(( SECONDS - start )) s"
+  grep -E "^model_compare" "$out/$name.log" | cut -c1-400
+}
+
+# 1. the paper's 4K context, segment loop rolled (half the compile of the unrolled rows on CPU)
+step mag4k_rolled 45 '^d512_4k/(baseline|baseline_full_attention|titans_mag_c64_unroll8_rolled(_parallel_retrieval)?)$'
+# 2. session 11's 2K rows (its best: 2.06x the full-attention baseline) with the levers of sessions 12-15
+step mag2k 60 '^d512/(baseline|baseline_full_attention|titans_mag_c64_unroll8(_parallel_retrieval|_pipelined)?)$'
+# 3. the pipelined 4K rows (> 3 min to compile on an H200 in session 15)
+step mag4k_pipelined 100 '^d512_4k/(baseline|baseline_full_attention|titans_mag_c64_unroll8_pipelined)$'
