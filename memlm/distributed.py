@@ -31,9 +31,25 @@ def initialize(dist_cfg) -> None:
             value = (int(env) if key != "coordinator_address" else env) if env else None
         if value is not None:
             kwargs[key] = value
+    if "coordinator_address" not in kwargs and not _cluster_detected():
+        from memlm.errors import UserError
+
+        raise UserError("distributed.enabled=true but no cluster was detected (SLURM, TPU pod, Open MPI, ...): set "
+                        "distributed.coordinator_address, num_processes and process_id (or MEMLM_COORDINATOR_ADDRESS, "
+                        "MEMLM_NUM_PROCESSES, MEMLM_PROCESS_ID)")
     jax.distributed.initialize(**kwargs)
     _INITIALIZED = True
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _cluster_detected() -> bool:
+    """Whether one of jax's cluster environments (what jax.distributed.initialize auto-detects) is present."""
+    try:
+        from jax._src import clusters
+
+        return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
+    except (ImportError, AttributeError):  # a jax laid out otherwise: let jax.distributed.initialize decide
+        return True
 
 
 def host_slots(global_batch: int) -> list[int]:

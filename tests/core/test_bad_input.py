@@ -121,6 +121,7 @@ def test_config_errors_name_the_override_and_compile_checks_the_mesh(tmp_path):
     ("base: 5\n", [], "base: expected the path of a config file"),
     ("train: 5\n", ["train.steps=2"], "train is 5, not a mapping"),
     (b"model:\n  d_model: 32 # caf\xe9\n", [], "not UTF-8 text"),
+    (None, ["distributed.enabled=true"], "distributed.enabled=true but no cluster was detected"),
 ])
 def test_more_bad_input_is_one_line_and_writes_nothing(tmp_path, yaml_text, args, needle):
     config = BASE[0]
