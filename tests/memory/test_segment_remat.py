@@ -97,7 +97,7 @@ def test_titans_chunk_remat_changes_the_program_not_the_gradient(variant):
     assert_same_loss_and_grads(vals[True], vals[False], variant)
 
 
-@pytest.mark.parametrize("variant", ["mag", "mac"])
+@pytest.mark.parametrize("variant", ["mag"])  # MAC's read-after-update order: test_parallel_retrieval_equals_reference
 def test_titans_parallel_retrieval_changes_the_program_not_the_gradient(variant):
     """`model.titans.parallel_retrieval: true` moves the memory's retrievals out of the chunk loop: fewer matmuls
     in the innermost loop (the chunks'), as many in all, the same loss and gradients (float32 rounding)."""
