@@ -80,19 +80,27 @@ def test_segment_unroll_changes_the_program_not_the_loss(kind, extra):
     assert_same_loss_and_grads(vals[True], vals[False], kind)
 
 
+def _titans_option_runs(variant: str, option: str, flags, program_stat) -> tuple[dict, dict]:
+    """A tiny Titans model with model.titans.<option> set to each flag: ({flag: program_stat(loss, params)},
+    {flag: (loss, grads)}) on one batch."""
+    extra = {"titans": {**KINDS[3][1]["titans"], "variant": variant}}
+    stats, vals = {}, {}
+    for flag in flags:
+        extra["titans"][option] = flag
+        cfg, model = make("titans", segment_remat=False, **extra)
+        gd, params = nnx.split(model)
+        loss = model_loss(gd, make_batch(cfg, seed=3))
+        stats[flag] = program_stat(loss, params)
+        vals[flag] = jax.value_and_grad(loss)(params)
+    return stats, vals
+
+
 @pytest.mark.parametrize("variant", ["mag"])
 def test_titans_chunk_remat_changes_the_program_not_the_gradient(variant):
     """`model.titans.chunk_remat: false` drops the per-chunk checkpoint of the XLA chunk loop: fewer checkpoints in
     the program, the same loss and gradients (float32 rounding)."""
-    extra = {"titans": {**KINDS[3][1]["titans"], "variant": variant}}
-    vals, counts = {}, {}
-    for flag in (True, False):
-        extra["titans"]["chunk_remat"] = flag
-        cfg, model = make("titans", segment_remat=False, **extra)
-        gd, params = nnx.split(model)
-        loss = model_loss(gd, make_batch(cfg, seed=3))
-        counts[flag] = _count_remat(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-        vals[flag] = jax.value_and_grad(loss)(params)
+    counts, vals = _titans_option_runs(variant, "chunk_remat", (True, False),
+                                       lambda loss, params: _count_remat(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
     assert counts[True] > counts[False], counts
     assert_same_loss_and_grads(vals[True], vals[False], variant)
 
@@ -101,15 +109,8 @@ def test_titans_chunk_remat_changes_the_program_not_the_gradient(variant):
 def test_titans_parallel_retrieval_changes_the_program_not_the_gradient(variant):
     """`model.titans.parallel_retrieval: true` moves the memory's retrievals out of the chunk loop: fewer matmuls
     in the innermost loop (the chunks'), as many in all, the same loss and gradients (float32 rounding)."""
-    extra = {"titans": {**KINDS[3][1]["titans"], "variant": variant}}
-    vals, dots = {}, {}
-    for flag in (False, True):
-        extra["titans"]["parallel_retrieval"] = flag
-        cfg, model = make("titans", segment_remat=False, **extra)
-        gd, params = nnx.split(model)
-        loss = model_loss(gd, make_batch(cfg, seed=3))
-        dots[flag] = dots_by_scan_depth(jax.make_jaxpr(loss)(params).jaxpr)
-        vals[flag] = jax.value_and_grad(loss)(params)
+    dots, vals = _titans_option_runs(variant, "parallel_retrieval", (False, True),
+                                     lambda loss, params: dots_by_scan_depth(jax.make_jaxpr(loss)(params).jaxpr))
     inner = max(dots[False])
     assert dots[True][inner] < dots[False][inner], dots
     assert sum(dots[True].values()) == sum(dots[False].values()), dots
