@@ -38,6 +38,8 @@ SMOKE = False
 COMPARE_ROWS = ""  # --rows: a regex on model_compare's "width/row" keys (default: all)
 UNROLL_SWEEP = False  # section unroll_sweep: model_compare's code on unroll_configs() at 16 segments
 COMPILE_WORKERS = 8  # --compile-workers: model_compare's parallel XLA compiles
+COMPILE_LIMIT = 0.0  # --compile-limit: model_compare gives up on rows not compiled after this many s (0: none)
+ABANDONED_COMPILES = False  # set when a compile thread was left running: main() then exits without joining it
 PROGRESS_PATH = ""  # <--out>.partial.json: model_compare's results so far, rewritten after every row
 
 
@@ -442,7 +444,8 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
         return unroll_configs()
     if width == "d512_4k":  # the paper's 4K context (8 segments of 512), the same tokens per step as d512
         keep = ("baseline", "baseline_full_attention", "baseline_full_attention_qb512", "titans_mag_c64_unroll8",
-                "titans_mag_c64_unroll8_rolled", "titans_mag_c64_unroll8_parallel_retrieval",
+                "titans_mag_c64_unroll8_rolled", "titans_mag_c64_unroll8_rolled_no_chunk_ckpt",
+                "titans_mag_c64_unroll8_parallel_retrieval",
                 "titans_mag_c64_unroll8_rolled_parallel_retrieval",
                 "titans_mag_c64_unroll8_pipelined_parallel_retrieval",
                 "titans_mag_c64_unroll8_pipelined", "titans_mag_c64_unroll8_no_chunk_ckpt",
@@ -505,6 +508,9 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  # the memory's kernels, if the step is bound by their number)
                  ("titans_mag_c64_unroll8_no_chunk_ckpt", TINY + "titans_mag.yaml",
                   "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.titans.chunk_remat=false"),
+                 ("titans_mag_c64_unroll8_rolled_no_chunk_ckpt", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.segment_unroll=false;"
+                  "model.titans.chunk_remat=false"),
                  ("titans_mag_c64_unroll8_pipelined_no_chunk_ckpt", TINY + "titans_mag.yaml",
                   "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.titans.pipeline_layers=true;"
                   "model.titans.chunk_remat=false"),
@@ -553,9 +559,12 @@ def _load_bench():
     return bench
 
 
-def _compile_all(benches: dict, out: dict, workers: int) -> None:
+def _compile_all(benches: dict, out: dict, workers: int, limit: float = 0.0) -> None:
     """Compile the lowered _Bench objects at once in a thread pool; one that fails is moved from benches to
-    out[key] = {"error": ...} so the others still run. Each finished compile is printed and saved at once."""
+    out[key] = {"error": ...} so the others still run. Each finished compile is printed and saved at once.
+    limit > 0: rows still compiling after `limit` s are given up the same way, so that the rows which did compile
+    are timed (session 15: one slow compile held back every row of its process until the device time ran out)."""
+    global ABANDONED_COMPILES
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     t0 = time.perf_counter()
@@ -567,9 +576,10 @@ def _compile_all(benches: dict, out: dict, workers: int) -> None:
         except Exception as e:
             return f"{type(e).__name__}: {e}"[:400]
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(compile_one, key, b): key for key, b in benches.items()}
-        for fut in as_completed(futures):
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = {pool.submit(compile_one, key, b): key for key, b in benches.items()}
+    try:
+        for fut in as_completed(futures, timeout=limit or None):
             key, err = futures[fut], fut.result()
             if err:
                 out[key] = dict(error=err)
@@ -579,6 +589,18 @@ def _compile_all(benches: dict, out: dict, workers: int) -> None:
             print(f"model_compare: compiled {key} at {time.perf_counter() - t0:.1f} s"
                   f"{' ERROR ' + err if err else ''}", flush=True)
             save_progress(out)
+    except TimeoutError:
+        for fut, key in futures.items():
+            if not fut.done():
+                fut.cancel()
+                out[key] = dict(error=f"compile not finished after {limit:g} s (--compile-limit)")
+                benches.pop(key)
+                print(f"model_compare: gave up compiling {key} after {limit:g} s", flush=True)
+        # they keep a CPU core busy while the others are timed: the host-bound rows (MAG) can only look slower
+        out["compiles_left_running"] = sorted(k for f, k in futures.items() if not f.done())
+        ABANDONED_COMPILES = True
+        save_progress(out)
+    pool.shutdown(wait=not ABANDONED_COMPILES, cancel_futures=True)
 
 
 def section_model_compare() -> dict:
@@ -609,7 +631,7 @@ def section_model_compare() -> dict:
     out["lower_s"] = round(time.perf_counter() - t0, 1)
     save_progress(out)
     t0 = time.perf_counter()
-    _compile_all(benches, out, workers=COMPILE_WORKERS)
+    _compile_all(benches, out, workers=COMPILE_WORKERS, limit=COMPILE_LIMIT)
     out["compile_wall_s"] = round(time.perf_counter() - t0, 1)
     print(f"model_compare: lowered in {out['lower_s']} s, compiled {len(benches)} in {out['compile_wall_s']} s",
           flush=True)
@@ -850,16 +872,21 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="CPU check of this script: interpreted kernels, small shapes")
     p.add_argument("--rows", default="", help="model_compare: only the rows whose 'width/name' matches this regex")
     p.add_argument("--compile-workers", type=int, default=8, help="model_compare: XLA compiles run at once")
+    p.add_argument("--compile-limit", type=float, default=0.0, help="model_compare: time the rows compiled within "
+                   "this many s and record the others as not compiled (default 0: wait for all)")
     p.add_argument("--cache-dir", default="", help="JAX's persistent compilation cache (a later run with the same "
                    "jax, GPU and rows loads the compiled steps instead of compiling them again)")
     p.add_argument("--recall-job", default="", help=argparse.SUPPRESS)  # internal: one RECALL_JOBS run
     a = p.parse_args()
-    global INTERPRET, SMOKE, COMPARE_ROWS, COMPILE_WORKERS, PROGRESS_PATH
+    global INTERPRET, SMOKE, COMPARE_ROWS, COMPILE_WORKERS, COMPILE_LIMIT, PROGRESS_PATH
     INTERPRET = SMOKE = a.smoke
     COMPARE_ROWS = a.rows
     if a.compile_workers < 1:
         p.error(f"--compile-workers must be >= 1, got {a.compile_workers}")
     COMPILE_WORKERS = a.compile_workers
+    if a.compile_limit < 0:
+        p.error(f"--compile-limit must be >= 0, got {a.compile_limit}")
+    COMPILE_LIMIT = a.compile_limit
     PROGRESS_PATH = os.path.splitext(a.out)[0] + ".partial.json"
     if a.cache_dir:
         jax.config.update("jax_compilation_cache_dir", a.cache_dir)
@@ -891,4 +918,9 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.exit(main())
+    rc = main()
+    if ABANDONED_COMPILES:  # a given-up XLA compile cannot be stopped; the results are written, so do not wait
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

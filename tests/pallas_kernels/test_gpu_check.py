@@ -3,10 +3,13 @@ with interpreted kernels and small shapes. The numbers it prints on a GPU are in
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -102,3 +105,38 @@ def test_model_compare_saves_each_row_as_it_finishes(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--compile-workers", "0"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--compile-workers must be >= 1" in bad.stderr
+
+
+def test_compile_limit_times_the_rows_that_compiled():
+    """--compile-limit: a row still compiling after the limit is recorded as not compiled and dropped, the rows
+    that did compile are kept for timing, and the call returns at the limit instead of waiting for the slow one."""
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", os.path.join(ROOT, "scripts", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    release = threading.Event()
+
+    class FakeBench:
+        def __init__(self, blocks: bool):
+            self.blocks, self.compile_s = blocks, None
+
+        def compile(self):
+            if self.blocks:
+                release.wait(60)
+            self.compile_s = 0.5
+
+    try:
+        benches, out = {"w/fast": FakeBench(False), "w/slow": FakeBench(True)}, {}
+        t0 = time.perf_counter()
+        gpu_check._compile_all(benches, out, workers=2, limit=1.0)
+        waited = time.perf_counter() - t0
+    finally:
+        release.set()
+    assert 1.0 <= waited < 30, waited
+    assert list(benches) == ["w/fast"]
+    assert out["compile_seconds"] == {"w/fast": 0.5}
+    assert out["w/slow"] == {"error": "compile not finished after 1 s (--compile-limit)"}
+    assert out["compiles_left_running"] == ["w/slow"] and gpu_check.ABANDONED_COMPILES
+    benches, out = {"w/a": FakeBench(False), "w/b": FakeBench(False)}, {}  # no limit: every row compiles
+    gpu_check.ABANDONED_COMPILES = False
+    gpu_check._compile_all(benches, out, workers=2)
+    assert sorted(benches) == ["w/a", "w/b"] and not gpu_check.ABANDONED_COMPILES
