@@ -216,6 +216,21 @@ class Titans(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
         return jax.lax.scan(body, x, (stacked, lc))
 
+    def layer_carry(self, carry: dict, layers: slice, mem_layers: slice | None) -> dict:
+        """A block's carry for a run of layers, layer-major: {"kv": (k, v) of `layers` (with a KV tail),
+        "mem": {"w": (...), "s": (...), "conv": {...}} of `mem_layers` (indices among the memory layers; None: no
+        memory)}; every array [n, B, ...] from the model carry's [B, n_layers or n_memory_layers, ...]."""
+        lm = lambda a: jnp.swapaxes(a, 0, 1)
+        lc = {}
+        if self.n_tail:
+            lc["kv"] = (lm(carry["kv_k"][:, layers]), lm(carry["kv_v"][:, layers]))
+        if mem_layers is not None:
+            sl = lambda d: {k: lm(v[:, mem_layers]) for k, v in d.items()}
+            ws, ss = sl(carry["mem_w"]), sl(carry["mem_s"])
+            lc["mem"] = {"w": tuple(ws[f"w{i}"] for i in range(len(ws))),
+                         "s": tuple(ss[f"w{i}"] for i in range(len(ss))), "conv": sl(carry["conv"])}
+        return lc
+
     def _layers(self, x, carry: dict, ctx: dict):
         """All layers in order; returns (h, new carry, stats). Carry slices are moved to layer-major."""
         cfg = self.cfg
@@ -223,14 +238,8 @@ class Titans(nnx.Module):
         kv_out, mem_out, stats = [], [], []
         n_mem = len(self.mem_layers)
         for is_mem, g0, g1, s0, s1 in self.runs:
-            lc = {}
-            if self.n_tail:
-                lc["kv"] = (lm(carry["kv_k"][:, g0:g1]), lm(carry["kv_v"][:, g0:g1]))
+            lc = self.layer_carry(carry, slice(g0, g1), slice(s0, s1) if is_mem else None)
             if is_mem:
-                sl = lambda d, a=s0, b=s1: {k: lm(v[:, a:b]) for k, v in d.items()}
-                ws, ss = sl(carry["mem_w"]), sl(carry["mem_s"])
-                lc["mem"] = {"w": tuple(ws[f"w{i}"] for i in range(len(ws))),
-                             "s": tuple(ss[f"w{i}"] for i in range(len(ss))), "conv": sl(carry["conv"])}
                 blocks, n_stack = self.decoder.blocks, n_mem
             else:
                 blocks, n_stack = self.decoder.plain_blocks, cfg.n_layers - n_mem

@@ -49,16 +49,9 @@ from memlm.models.segments import reset_carry, segment_major
 
 def _layer_carry(model, carry: dict, layer: int) -> dict:
     """Layer `layer`'s part of the model carry, as the block sees it: {"lc": {"kv": (k, v), "mem": {...}},
-    "seen": [B]} (batch-major, no layer axis)."""
-    at = lambda a: a[:, layer]
-    lc = {}
-    if model.n_tail:
-        lc["kv"] = (at(carry["kv_k"]), at(carry["kv_v"]))
-    if model.mem_layers:
-        depth = len(carry["mem_w"])
-        lc["mem"] = {"w": tuple(at(carry["mem_w"][f"w{i}"]) for i in range(depth)),
-                     "s": tuple(at(carry["mem_s"][f"w{i}"]) for i in range(depth)),
-                     "conv": {k: at(v) for k, v in carry["conv"].items()}}
+    "seen": [B]} (batch-major, no layer axis). Every layer is a memory layer or none is (pipelined_loss)."""
+    one = slice(layer, layer + 1)
+    lc = jax.tree.map(lambda a: a[0], model.layer_carry(carry, one, one if model.mem_layers else None))
     return {"lc": lc, "seen": carry["seen"] if model.n_tail else None}
 
 
