@@ -659,6 +659,25 @@ def section_model_compare() -> dict:
     return out
 
 
+def compare_summary(sections: list[dict]) -> list[str]:
+    """One line per timed model_compare row of the given sections (several runs may share a width): step ms and
+    time per token against the segment-local and the full-attention baseline of the same width and run.
+    A row is only compared with the baselines of its own run (the numbers of another process are not comparable)."""
+    lines = []
+    for sec in sections:
+        rows = {k: v for k, v in sec.items() if isinstance(v, dict) and "step_ms" in v}
+        for key, r in sorted(rows.items()):
+            width = key.split("/")[0]
+            full = rows.get(f"{width}/baseline_full_attention")
+            vs_full = full["tokens_per_sec"] / r["tokens_per_sec"] if full else None
+            local = r.get("time_per_token_vs_segment_local")
+            lines.append(f"{key}: {r['step_ms']:.1f} ms, vs segment-local "
+                         f"{f'{local:.2f}x' if local else '-'}, vs full attention "
+                         f"{f'{vs_full:.2f}x' if vs_full else '-'}")
+        lines += [f"{k}: {v['error']}" for k, v in sorted(sec.items()) if isinstance(v, dict) and "error" in v]
+    return lines
+
+
 PROFILE_ROWS = ("baseline", "titans_mag", "titans_mag_c64", "titans_mag_no_memory", "titans_mag_c64_unroll8_pipelined")
 
 
@@ -876,6 +895,8 @@ def main() -> int:
                    "this many s and record the others as not compiled (default 0: wait for all)")
     p.add_argument("--cache-dir", default="", help="JAX's persistent compilation cache (a later run with the same "
                    "jax, GPU and rows loads the compiled steps instead of compiling them again)")
+    p.add_argument("--summarize", nargs="+", default=[], metavar="JSON",
+                   help="print model_compare's rows of these output (or .partial) files as ratios, then exit")
     p.add_argument("--recall-job", default="", help=argparse.SUPPRESS)  # internal: one RECALL_JOBS run
     a = p.parse_args()
     global INTERPRET, SMOKE, COMPARE_ROWS, COMPILE_WORKERS, COMPILE_LIMIT, PROGRESS_PATH
@@ -891,6 +912,18 @@ def main() -> int:
     if a.cache_dir:
         jax.config.update("jax_compilation_cache_dir", a.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if a.summarize:
+        sections = []
+        for path in a.summarize:
+            try:
+                with open(path) as f:
+                    res = json.load(f)
+            except (OSError, ValueError) as e:
+                print(f"gpu_check.py: {path}: {e}", file=sys.stderr)
+                return 2
+            sections.append(res.get("model_compare", res) if isinstance(res, dict) else {})
+        print("\n".join(compare_summary(sections)))
+        return 0
     if a.recall_job:
         recall_job(a.recall_job)
         return 0

@@ -41,3 +41,13 @@ step mag2k 45 '^d512/(baseline|baseline_full_attention|titans_mag_c64_unroll8(_n
 step mag4k_rolled 60 '^d512_4k/(baseline|baseline_full_attention|titans_mag_c64_unroll8_rolled(_no_chunk_ckpt|_parallel_retrieval)?)$'
 # 3. the layers pipelined (> 3 min to compile at 4K on an H200 in session 15; the baselines come from the cache)
 step mag2k_pipelined 100 '^d512/(baseline|baseline_full_attention|titans_mag_c64_unroll8_pipelined(_no_chunk_ckpt)?)$'
+
+# every timed row of the three runs as ratios (each against the baselines of its own run)
+files=()
+for name in mag2k mag4k_rolled mag2k_pipelined; do
+  if [ -s "$out/$name.json" ]; then files+=("$out/$name.json"); elif [ -s "$out/$name.partial.json" ]; then files+=("$out/$name.partial.json"); fi
+done
+if [ ${#files[@]} -gt 0 ]; then
+  echo "== summary"
+  python3 scripts/gpu_check.py --summarize "${files[@]}" | tee "$out/summary.txt"
+fi

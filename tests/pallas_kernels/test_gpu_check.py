@@ -140,3 +140,32 @@ def test_compile_limit_times_the_rows_that_compiled():
     gpu_check.ABANDONED_COMPILES = False
     gpu_check._compile_all(benches, out, workers=2)
     assert sorted(benches) == ["w/a", "w/b"] and not gpu_check.ABANDONED_COMPILES
+
+
+def test_compare_summary_states_each_row_against_its_own_runs_baselines(tmp_path):
+    """--summarize: time per token = baseline tokens/s over the row's; each file's rows use its own baselines."""
+    run1 = {"model_compare": {
+        "d512/baseline": {"step_ms": 10.0, "tokens_per_sec": 1000.0, "time_per_token_vs_segment_local": 1.0},
+        "d512/baseline_full_attention": {"step_ms": 25.0, "tokens_per_sec": 400.0,
+                                         "time_per_token_vs_segment_local": 2.5},
+        "d512/titans_mag": {"step_ms": 40.0, "tokens_per_sec": 250.0, "time_per_token_vs_segment_local": 4.0},
+        "d512/titans_mag_slow": {"error": "compile not finished after 9 s (--compile-limit)"}}}
+    run2 = {"d512_4k/baseline": {"step_ms": 5.0, "tokens_per_sec": 2000.0, "time_per_token_vs_segment_local": 1.0},
+            "d512_4k/titans_mag": {"step_ms": 9.0, "tokens_per_sec": 1000.0, "time_per_token_vs_segment_local": 2.0}}
+    (tmp_path / "a.json").write_text(json.dumps(run1))
+    (tmp_path / "b.partial.json").write_text(json.dumps(run2))  # a partial file holds the section itself
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--summarize",
+                           str(tmp_path / "a.json"), str(tmp_path / "b.partial.json")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "d512/baseline: 10.0 ms, vs segment-local 1.00x, vs full attention 0.40x",
+        "d512/baseline_full_attention: 25.0 ms, vs segment-local 2.50x, vs full attention 1.00x",
+        "d512/titans_mag: 40.0 ms, vs segment-local 4.00x, vs full attention 1.60x",
+        "d512/titans_mag_slow: compile not finished after 9 s (--compile-limit)",
+        "d512_4k/baseline: 5.0 ms, vs segment-local 1.00x, vs full attention -",
+        "d512_4k/titans_mag: 9.0 ms, vs segment-local 2.00x, vs full attention -"]
+    (tmp_path / "bad.json").write_text("{not json")
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--summarize",
+                          str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and str(tmp_path / "bad.json") in bad.stderr and "Traceback" not in bad.stderr
