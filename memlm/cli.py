@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from memlm.errors import NonFiniteOutput, TrainingDiverged, UserError
+from memlm.errors import NonFiniteOutput, TrainingDiverged, UserError, check_output_file
 
 OVERRIDES_HELP = "config overrides as key.path=value (e.g. train.steps=100 mesh.data=8)"
 
@@ -51,6 +51,8 @@ def cmd_train(args) -> int:
 def cmd_eval_lm(args) -> int:
     from memlm.eval.lm import eval_lm
 
+    if args.out:
+        check_output_file(args.out, "--out", args.force)
     result = eval_lm(args.run, args.split, args.max_batches, args.out, args.step)
     print(json.dumps(result, indent=2))
     return 0
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--split", default="validation", help="data split (default: validation)")
     lm.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     lm.add_argument("--max-batches", type=int, default=None, help="cap on batches (default: the whole split)")
-    lm.add_argument("--out", default=None, help="write the result JSON here")
+    lm.add_argument("--out", default=None, help="write the result JSON here (a new file)")
+    lm.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     lm.set_defaults(func=cmd_eval_lm)
     _add_optional_eval(esub)
 

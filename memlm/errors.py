@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -49,3 +50,28 @@ def run_script(main: Callable[[], int | None], prog: str) -> int:
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def check_output_file(path: str, flag: str, force: bool = False) -> None:
+    """Refuse, before any work, an output FILE path that would destroy something: an existing file (unless
+    `force`: the user asked to replace it), a directory, or a parent that is a file."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a directory; give a file path")
+    if os.path.lexists(path) and not force:
+        raise UserError(f"{flag} {path}: already exists (pass --force to overwrite it)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Refuse an output DIRECTORY path that names an existing file (results and resumable state go inside it)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a file, not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")

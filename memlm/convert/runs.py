@@ -52,16 +52,26 @@ def _np_dtype(name: str):
     return np.float32 if name == "float32" else ml_dtypes.bfloat16
 
 
-def _check_destination(out: str, force: bool, what: str, source: str) -> None:
-    """The output may be replaced (--force) but never be, contain or sit inside the source it is made from."""
+def _check_destination(out: str, force: bool, what: str, source: str, markers: tuple[str, ...] = ()) -> None:
+    """The output may be replaced (--force) but never be, contain or sit inside the source it is made from, and
+    --force replaces a directory only if it is empty or holds one of `markers` (a previous output of this kind:
+    never a directory of the user's that happens to be named)."""
     o, src = os.path.realpath(out), os.path.realpath(source)
-    if o == src or o.startswith(src + os.sep) or src.startswith(o + os.sep):
+    if os.path.commonpath([o, src]) in (o, src):
         raise UserError(f"{out}: the output would overwrite its own source {source}; choose another path")
     if os.path.lexists(out) and not force:
         raise UserError(f"{out}: already exists (pass --force to overwrite the {what})")
+    if os.path.isdir(out) and not os.path.islink(out) and os.listdir(out) and not any(
+            os.path.isfile(os.path.join(out, m)) for m in markers):
+        kind = f"a previous {what} (no {' or '.join(markers)})" if markers else f"a {what}"
+        raise UserError(f"{out}: a directory that is not {kind}; --force does not replace it")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"{out}: parent directory {parent} does not exist")
+
+
+# what a directory written by `export --format F` holds (safetensors writes a file: no directory is replaced)
+EXPORT_MARKERS = {"hf": ("config.json",), "params": ("_CHECKPOINT_METADATA", "_METADATA")}
 
 
 def _tmp_sibling(out: str) -> str:
@@ -208,7 +218,7 @@ def export_run(run: str, fmt: str, out: str, step: int | None = None, dtype: str
         raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     npd = _np_dtype(dtype)
     cfg = config_lib.read_run_config(run)  # a bad --run is named before a bad --out
-    _check_destination(out, force, "export", run)
+    _check_destination(out, force, "export", run, EXPORT_MARKERS.get(fmt, ()))
     cfg, step, params = load_run_params(run, step, cfg)
     flat = flat_lib.to_flat(params, npd) if fmt != "params" else None
     files: dict[str, bytes] = {}
@@ -325,7 +335,7 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
     overrides = list(overrides or [])
     if not os.path.isdir(path):
         raise UserError(f"{path}: not a directory (a Hugging Face checkpoint dir)")
-    _check_destination(out, force, "run dir", path)
+    _check_destination(out, force, "run dir", path, ("config.yaml",))
     hf_cfg = hf_lib.read_config(path)
     fields = hf_lib.model_fields(hf_cfg, os.path.join(path, "config.json"))
     raw: dict = {}
@@ -406,7 +416,7 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
 def import_safetensors(path: str, out: str, overrides: list[str] | None = None, force: bool = False) -> dict:
     """A `memlm export --format safetensors` file -> a run dir with exactly those parameters."""
     overrides = list(overrides or [])
-    _check_destination(out, force, "run dir", path)
+    _check_destination(out, force, "run dir", path, ("config.yaml",))
     _, meta, _ = st.read_header(path)
     if "memlm.config" not in meta:
         raise UserError(f"{path}: no memlm.config metadata (not written by `memlm export --format safetensors`)")

@@ -253,19 +253,31 @@ def _source_md(deb_name: str, description: str, copyright_text: str) -> str:
 
 
 def write_books_dir(out_dir: str, texts: dict[int, str], source_md: str) -> None:
-    """Write the PG-19 layout for AUSTEN_BOOKS from {book_id: text}."""
+    """Write the PG-19 layout for AUSTEN_BOOKS from {book_id: text}. A file already there with other content
+    (the user's own metadata.csv or an edited book) is not replaced: UserError naming it, nothing written."""
+    rows = io.StringIO()
+    w = csv.writer(rows, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    for b in AUSTEN_BOOKS:
+        w.writerow([b.book_id, b.title, b.year, f"http://www.gutenberg.org/ebooks/{b.book_id}"])
+    files = {os.path.join(b.split, f"{b.book_id}.txt"): texts[b.book_id] for b in AUSTEN_BOOKS}
+    files["SOURCE.md"] = source_md
+    files["metadata.csv"] = rows.getvalue()  # last: its presence (with the rest) marks the directory complete
+    for rel, text in files.items():
+        path = os.path.join(out_dir, rel)
+        if os.path.lexists(path):
+            try:
+                with open(path, encoding="utf-8", newline="") as f:
+                    same = f.read() == text
+            except (OSError, UnicodeDecodeError):
+                same = False
+            if not same:
+                raise UserError(f"{path}: already exists with other content; fetch-books does not replace it "
+                                "(move it away or choose another directory)")
     for split in ("train", "validation", "test"):
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-    for b in AUSTEN_BOOKS:
-        with open(os.path.join(out_dir, b.split, f"{b.book_id}.txt"), "w", encoding="utf-8") as f:
-            f.write(texts[b.book_id])
-    with open(os.path.join(out_dir, "SOURCE.md"), "w", encoding="utf-8") as f:
-        f.write(source_md)
-    # metadata.csv last: its presence (with the rest) marks the directory complete.
-    with open(os.path.join(out_dir, "metadata.csv"), "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-        for b in AUSTEN_BOOKS:
-            w.writerow([b.book_id, b.title, b.year, f"http://www.gutenberg.org/ebooks/{b.book_id}"])
+    for rel, text in files.items():
+        with open(os.path.join(out_dir, rel), "w", encoding="utf-8", newline="") as f:
+            f.write(text)
 
 
 def books_from_deb(deb_path: str) -> tuple[dict[int, str], str]:

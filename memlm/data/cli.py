@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from memlm.data.tokenizers import TOKENIZER_KINDS
+from memlm.errors import check_output_dir, check_output_file
 
 __all__ = ["add_data_commands"]
 
@@ -24,6 +25,8 @@ def _fetch_books(args: argparse.Namespace) -> int:
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from memlm.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
 
+    for ext in (".model", ".vocab"):
+        check_output_file(args.out + ext, "--out", args.force)
     model = train_sentencepiece(args.input, args.out, args.vocab_size, model_type=args.model_type)
     tok = SentencePieceTokenizer(model)
     print(f"tokenizer: {model} ({args.model_type}, vocab {tok.vocab_size}, "
@@ -54,6 +57,7 @@ def _babilong_tfds(args: argparse.Namespace) -> int:
 
     from memlm.errors import UserError
 
+    check_output_dir(args.out, "--out")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     if args.tasks is not None and not tasks:
         raise UserError("--tasks: no task given (e.g. qa1,qa2)")
@@ -102,6 +106,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     tt.add_argument("--vocab-size", required=True, type=int, metavar="N", help="number of pieces")
     tt.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram",
                     help="SentencePiece algorithm (default: unigram)")
+    tt.add_argument("--force", action="store_true", help="overwrite an existing PREFIX.model / PREFIX.vocab")
     tt.set_defaults(func=_train_tokenizer)
 
     st = sub.add_parser(

@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from memlm.errors import UserError
+from memlm.errors import UserError, check_output_dir, check_output_file
 
 __all__ = ["add_eval_commands", "parse_cells", "length_tokenizer", "collect_samples", "evaluate_babilong"]
 
@@ -278,6 +278,7 @@ def cmd_babilong(args) -> int:
         raise UserError(f"--samples: must be >= 1, got {args.samples}")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    check_output_dir(args.out, "--out")
     run_cfg = config_lib.read_run_config(args.run)
     model_tok = get_tokenizer(run_cfg.data)
     out = Path(args.out)
@@ -350,6 +351,7 @@ def cmd_pg19(args) -> int:
     from memlm.eval.pg19 import evaluate_pg19, read_pg19_split, validate_pg19_args
 
     validate_pg19_args(args.max_books, args.max_tokens_per_book, args.batch_size, args.stride, args.word_count)
+    check_output_dir(args.out, "--out")
     read_pg19_split(args.data, args.split)  # bad input fails before the model loads
     run_cfg = config_lib.read_run_config(args.run)
     lm = _load_model(args.run, args.step)
@@ -373,6 +375,10 @@ def cmd_recall(args) -> int:
 
     if args.docs < 1:
         raise UserError(f"--docs: {args.docs} is not a positive number of documents")
+    if args.seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {args.seed}")
+    if args.out:
+        check_output_file(args.out, "--out", args.force)
     run_cfg = config_lib.read_run_config(args.run)
     if run_cfg.data.source != "assoc_recall":
         raise UserError(f"{os.path.join(args.run, 'config.yaml')}: data.source is {run_cfg.data.source!r}; "
@@ -463,5 +469,6 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     _add_run_args(r)
     r.add_argument("--docs", type=int, default=512, help="held-out documents (default 512)")
     r.add_argument("--seed", type=int, default=1, help="held-out document seed (default 1; training uses 0)")
-    r.add_argument("--out", default=None, help="also write the result JSON here")
+    r.add_argument("--out", default=None, help="also write the result JSON here (a new file)")
+    r.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     r.set_defaults(func=cmd_recall)

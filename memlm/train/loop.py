@@ -21,7 +21,7 @@ from memlm import distributed
 from memlm.checkpoint import Checkpointer, check_savable
 from memlm.data import pipeline
 from memlm.errors import TrainingDiverged, UserError
-from memlm.metrics import MetricsWriter
+from memlm.metrics import MetricsWriter, metrics_records
 from memlm.sharding import mesh_from_config
 from memlm.train import setup as setup_lib
 from memlm.train.optimizer import lr_schedule
@@ -30,28 +30,57 @@ log = logging.getLogger(__name__)
 
 # Keys that may change between runs sharing a run dir (everything else in `model`/`data` must match).
 def check_run_dir(cfg) -> None:
-    """A run dir holding checkpoints must have been written by a compatible config. Raises UserError."""
+    """A run dir holding checkpoints must have been written by a compatible config; one holding a training
+    history (metrics, data positions) without a checkpoint to resume it is not started over unless it is the
+    same model's run cut before its first checkpoint. Raises UserError before anything is written."""
     run_dir = cfg.run.dir
     saved_path = os.path.join(run_dir, "config.yaml")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"run.dir {run_dir}: is a file, not a directory")
+    if os.path.lexists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+        raise UserError(f"{ckpt_dir}: is a file, not the run's checkpoint directory")
+    if os.path.lexists(saved_path) and not os.path.isfile(saved_path):
+        raise UserError(f"{saved_path}: is not a file")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    logged = [rec["step"] for rec, _ in metrics_records(metrics_path)] if os.path.lexists(metrics_path) else []
     has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
     if not has_ckpt:
+        ds_dir = os.path.join(run_dir, "data_state")
+        saved_steps = sorted(int(n) for n in os.listdir(ds_dir) if n.isdigit()) if os.path.isdir(ds_dir) else []
+        # data_state/N is written with every checkpoint: with no trace of any in checkpoints/ (not even the temp dir
+        # of a save cut by a kill) the checkpoints were there and are gone
+        if saved_steps and not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
+            raise UserError(f"{run_dir}: data_state/ holds the data positions of checkpoints {saved_steps} but "
+                            "checkpoints/ has none; refusing to start this run over (restore the checkpoints or "
+                            "use another run.dir)")
+        if max(logged, default=0) > 0:  # a run killed before its first checkpoint may start over, nothing else
+            if not os.path.isfile(saved_path):
+                raise UserError(f"{run_dir}: metrics.jsonl logs steps up to {max(logged)} but there is no "
+                                "config.yaml and no checkpoint; refusing to overwrite it (use another run.dir)")
+            _check_same_model(cfg, saved_path, "its metrics.jsonl was logged")
         return
     if not os.path.isfile(saved_path):
         raise UserError(f"{run_dir}: has checkpoints but no config.yaml; refusing to guess whether they match")
+    saved = _check_same_model(cfg, saved_path, "checkpoint was written")
+    for key in ("batch_size",):
+        if getattr(saved.train, key) != getattr(cfg.train, key):
+            raise UserError(f"{run_dir}: checkpoint was written with train.{key}={getattr(saved.train, key)}"
+                            f" but the config says {getattr(cfg.train, key)} (the memory carry has one row per"
+                            " batch slot)")
+
+
+def _check_same_model(cfg, saved_path: str, what: str):
+    """The run dir's config.yaml (returned) must describe cfg's model. Raises UserError naming the first key."""
     saved = config_lib.load_config(saved_path)
     diffs = config_lib.config_differences(saved.model.model_dump(mode="json"), cfg.model.model_dump(mode="json"),
                                           "model")
     if diffs:
         key, was, now = diffs[0]
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-        raise UserError(f"{run_dir}: checkpoint was written with {key}={was!r} but the config says {now!r}{more} "
+        raise UserError(f"{cfg.run.dir}: {what} with {key}={was!r} but the config says {now!r}{more} "
                         "(use another run.dir)")
-    for key in ("batch_size",):
-        if getattr(saved.train, key) != getattr(cfg.train, key):
-            raise UserError(f"{run_dir}: checkpoint was written with train.{key}={getattr(saved.train, key)}"
-                            f" but the config says {getattr(cfg.train, key)} (the memory carry has one row per"
-                            " batch slot)")
+    return saved
 
 
 def _data_state_path(run_dir: str, step: int, process: int) -> str:
@@ -75,8 +104,14 @@ def _load_data_state(run_dir: str, step: int, fallback: dict) -> dict:
     if os.path.isdir(d):
         for name in sorted(os.listdir(d)):
             if name.endswith(".json"):
-                with open(os.path.join(d, name)) as f:
-                    part = json.load(f)
+                path = os.path.join(d, name)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        part = json.load(f)
+                except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                    raise UserError(f"{path}: not a readable data position ({type(e).__name__})") from None
+                if not isinstance(part, dict) or not isinstance(part.get("slots"), dict):
+                    raise UserError(f"{path}: not a data position (a JSON object with a \"slots\" mapping)")
                 merged.update({k: v for k, v in part.items() if k != "slots"})
                 merged["slots"].update(part["slots"])
     return merged

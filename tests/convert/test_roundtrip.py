@@ -127,6 +127,16 @@ def test_export_refuses_to_overwrite(rmt_run, tmp_path):
     with pytest.raises(UserError, match="not a memlm run directory"):
         runs.export_run(str(tmp_path), "hf", str(tmp_path / "new"))
     assert snapshot(str(d)) == before and not (tmp_path / "new").exists()
+    # --force replaces a previous export of the same kind, never a directory of the user's, nor / (session 16)
+    for fmt in ("hf", "params", "safetensors"):
+        with pytest.raises(UserError, match="a directory that is not a"):
+            runs.export_run(rmt_run, fmt, str(d), force=True)
+    assert snapshot(str(d)) == before
+    with pytest.raises(UserError, match="would overwrite its own source"):
+        runs.export_run(rmt_run, "safetensors", "/", force=True)
+    for fmt in ("hf", "params"):
+        runs.export_run(rmt_run, fmt, str(tmp_path / fmt))
+        runs.export_run(rmt_run, fmt, str(tmp_path / fmt), force=True)
 
 
 def test_hub_layouts_import(rmt_run, tmp_path):
