@@ -10,8 +10,12 @@ Restores always target abstract arrays carrying the *current* mesh's shardings, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -19,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from memlm import errors
 from memlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,41 @@ def check_savable(tree: Any, what: str) -> None:
                         "0? set it >= 1, or use model.kind=baseline model.segment_local=true for no memory)")
 
 
+@contextlib.contextmanager
+def _native_stderr_held():
+    """Hold what is written to file descriptor 2 during a restore and pass it on if the restore succeeds. When
+    one fails (damaged array data), tensorstore's reader threads call into orbax's closed event loop and print
+    dozens of 'RuntimeError: Event loop is closed' tracebacks from native code; the one-line error replaces them.
+    Those threads outlive the failure, so in the `memlm` command (errors.AS_COMMAND) descriptor 2 stays silenced
+    and the CLI writes its error line to the original one (errors.COMMAND_STDERR_FD)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            sys.stderr.flush()
+            if ok or not errors.AS_COMMAND:
+                os.dup2(saved, 2)
+                os.close(saved)
+            else:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 2)
+                os.close(devnull)
+                if errors.COMMAND_STDERR_FD is None:
+                    errors.COMMAND_STDERR_FD = saved
+                else:
+                    os.close(saved)
+            if ok:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
+
+
 class Checkpointer:
     """Async save / sharded restore of (train state, memory carry, data position)."""
 
@@ -120,55 +160,63 @@ class Checkpointer:
         """UserError naming the parameters where checkpoint `step` and the model differ (names and shapes, read
         from the checkpoint's metadata before any array is restored)."""
         try:
-            saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+            with _native_stderr_held():
+                saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
             saved = param_shapes(saved["params"])
-        except (OSError, ValueError, KeyError, TypeError):  # unreadable metadata: the restore reports it
-            return
+        except Exception as e:  # unreadable metadata: the restore could not read the arrays either
+            raise self._restore_error(step, e, what) from None
         problem = params_mismatch(saved, param_shapes(abstract_params))
         if problem:
             raise UserError(f"{self.directory}/{step}: checkpoint does not match {what}: {problem}")
+
+    def _restore_error(self, step: int, e: Exception, what: str) -> UserError:
+        """The one-line error for a failed restore. Names and shapes were compared first (check_params), so an
+        error from the storage layer (tensorstore's 'OUT_OF_RANGE: ...', orbax's bare Exception for truncated or
+        missing array data) means damaged files; other ValueError / KeyError / TypeError mean a mismatch (the
+        optimizer state's structure, dtypes). The manager is closed: nothing more is read from this run dir."""
+        self.close()
+        first = _first_line(e)
+        if isinstance(e, (ValueError, KeyError, TypeError)) and not re.match(r"[A-Z_]{5,}: ", first):
+            return UserError(f"{self.directory}/{step}: checkpoint does not match {what} ({first})")
+        return UserError(f"{self.directory}/{step}: cannot read the checkpoint, damaged or incomplete ({first})")
 
     def restore(self, step: int, abstract_params, abstract_opt_state, abstract_carry):
         """Restore onto the shardings carried by the abstract targets. Mismatch -> UserError."""
         self.check_params(step, abstract_params, "the model/optimizer config")
         target_carry = {"memory": abstract_carry, "step": jax.ShapeDtypeStruct((), np.int64)}
         try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore({"params": abstract_params, "opt_state": abstract_opt_state}),
-                    carry=ocp.args.StandardRestore(target_carry),
-                    data=ocp.args.JsonRestore(),
-                ),
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"{self.directory}/{step}: checkpoint does not match the model/optimizer config ({first[:300]})"
-            ) from None
+            with _native_stderr_held():
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore({"params": abstract_params, "opt_state": abstract_opt_state}),
+                        carry=ocp.args.StandardRestore(target_carry),
+                        data=ocp.args.JsonRestore(),
+                    ),
+                )
+        except Exception as e:
+            raise self._restore_error(step, e, "the model/optimizer config") from None
         return out["state"]["params"], out["state"]["opt_state"], out["carry"]["memory"], out["data"]
 
     def restore_params(self, step: int, abstract_params):
         """Params only (inference, export, warm start): every parameter of the model, no other."""
         self.check_params(step, abstract_params)
         try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        {"params": abstract_params},
-                        restore_args=jax.tree.map(
-                            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), {"params": abstract_params}
-                        ),
-                        partial_restore=True,
-                    )
-                ),
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"{self.directory}/{step}: checkpoint does not match the model config ({first[:300]})"
-            ) from None
+            with _native_stderr_held():
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            {"params": abstract_params},
+                            restore_args=jax.tree.map(
+                                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), {"params": abstract_params}
+                            ),
+                            partial_restore=True,
+                        )
+                    ),
+                )
+        except Exception as e:
+            raise self._restore_error(step, e, "the model config") from None
         return out["state"]["params"]
 
     def wait(self) -> None:
@@ -177,6 +225,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def save_params_only(path: str, params) -> None:

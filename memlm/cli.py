@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from memlm import errors
 from memlm.errors import NonFiniteOutput, TrainingDiverged, UserError, check_output_file
 
 OVERRIDES_HELP = "config overrides as key.path=value (e.g. train.steps=100 mesh.data=8)"
@@ -180,6 +181,16 @@ def _add_optional_eval(esub) -> None:
     add_eval_commands(esub)
 
 
+def _silence_native_stderr() -> None:
+    """After the one-line error nothing else may reach stderr: library threads still running (tensorstore readers
+    of a damaged checkpoint) print tracebacks from native code during shutdown. Only for the command itself
+    (main() without argv), never in a caller's process."""
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # argparse stops collecting a positional list at the first option, so `memlm compile CFG --devices 8 a.b=1`
@@ -190,10 +201,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("unrecognized arguments: " + " ".join(extra))
         args.overrides = list(args.overrides) + extra
     _quiet()
+    errors.AS_COMMAND = argv is None
     try:
         return int(args.func(args) or 0)
     except UserError as e:
+        if errors.COMMAND_STDERR_FD is not None:  # descriptor 2 was silenced after a native failure
+            os.write(errors.COMMAND_STDERR_FD, f"memlm: error: {e}\n".encode())
+            return 2
         print(f"memlm: error: {e}", file=sys.stderr)
+        if argv is None:
+            _silence_native_stderr()
         return 2
     except TrainingDiverged as e:
         print(f"memlm: diverged: {e}", file=sys.stderr)
@@ -201,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteOutput as e:
         print(f"memlm: non-finite: {e}", file=sys.stderr)
         return 1
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+        # a path the user gave (or one under it) that cannot be used as asked: not a bug in memlm
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"memlm: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

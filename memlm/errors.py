@@ -17,6 +17,13 @@ def not_utf8(path, e: UnicodeDecodeError) -> UserError:
     return UserError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start})")
 
 
+# Set by the `memlm` command (cli.main without argv): library code may then silence file descriptor 2 for the rest
+# of the process after a failure whose native threads would print tracebacks, keeping the original descriptor here
+# for the one-line error (checkpoint._native_stderr_held). Never set in a caller's own process.
+AS_COMMAND = False
+COMMAND_STDERR_FD: int | None = None
+
+
 class TrainingDiverged(Exception):
     """The training loss became NaN/inf. The CLI reports it in one line with exit code 1; the checkpoints
     written before the divergence are kept and the diverged state is not saved."""

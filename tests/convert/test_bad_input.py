@@ -54,6 +54,7 @@ def _assert_import_fails(src, tmp_path, *needles, overrides=()):
     left exactly as they were."""
     target = tmp_path / "target"
     target.mkdir(exist_ok=True)
+    (target / "config.yaml").write_text("model: {}\n")  # a previous run dir: --force may replace it, a failure not
     (target / "keep.txt").write_text("precious")
     before, parent = snapshot(str(target)), sorted(os.listdir(tmp_path))
     with pytest.raises(UserError) as e:

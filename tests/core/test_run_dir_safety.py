@@ -148,3 +148,18 @@ def test_a_damaged_data_position_is_named(trained_run, tmp_path, content):
     r = run_memlm("train", *SYNTH, f"run.dir={run_dir}", "train.steps=3")
     _check_error(r, "data_state/2/process_0.json", "data position")
     assert snapshot(str(run_dir)) == before
+
+
+def test_truncated_checkpoint_data_is_one_line(trained_run, tmp_path):
+    run_dir = _copy(trained_run, tmp_path)
+    data = [os.path.join(root, f) for root, _, files in os.walk(run_dir / "checkpoints" / "2" / "state")
+            for f in files if os.sep + "d" + os.sep in os.path.join(root, f)]
+    assert data, "no array data files found: orbax's layout changed"
+    for path in data:
+        os.truncate(path, 10)
+    before = snapshot(str(run_dir))
+    r = run_memlm("eval", "lm", "--run", str(run_dir), "--max-batches", "1")
+    _check_error(r, "checkpoints/2: cannot read the checkpoint")
+    r = run_memlm("train", *SYNTH, f"run.dir={run_dir}", "train.steps=3")
+    _check_error(r, "checkpoints/2: cannot read the checkpoint")
+    assert snapshot(str(run_dir)) == before
