@@ -189,7 +189,7 @@ def load(run_dir: str, step: int | None = None, devices=None) -> LoadedModel:
     devices = devices or jax.local_devices()[:1]
     mesh = make_mesh(len(devices), 1, 1, devices)
     setup = setup_lib.build_setup(cfg, mesh, batch_size=1)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), async_save=False, create=False)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:

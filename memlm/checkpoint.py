@@ -128,13 +128,14 @@ def _native_stderr_held():
 class Checkpointer:
     """Async save / sharded restore of (train state, memory carry, data position)."""
 
-    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
+        """create=False: only read (a missing directory has no steps and is not made)."""
         _fast_array_handler()
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=create
             ),
             item_names=("state", "carry", "data"),
         )

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteOutput as e:
         print(f"memlm: non-finite: {e}", file=sys.stderr)
         return 1
-    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError, FileNotFoundError) as e:
         # a path the user gave (or one under it) that cannot be used as asked: not a bug in memlm
         where = f"{e.filename}: " if e.filename else ""
         print(f"memlm: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -7,24 +7,40 @@ are parsed as YAML scalars. Any unknown key or bad value raises `UserError` nami
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memlm.errors import UserError, not_utf8
 
 MODEL_KINDS = ("baseline", "rmt", "hmt", "lm2", "titans", "landmark", "memory_layers")
 
 
+INT32_MAX = 2**31 - 1
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _finite_and_int32(cls, value):
+        """Every number of every section: floats finite (an inf learning rate passes `gt=0` and diverges at the
+        first step), integers within int32 (sizes and seeds reach jax and numpy as int32)."""
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT32_MAX:
+                raise ValueError(f"{v} is out of range (at most {INT32_MAX} in magnitude)")
+        return value
 
 
 class RunConfig(_Strict):
     dir: str = "runs/default"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     name: str = ""
 
 
@@ -40,9 +56,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    b1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay")
+    b2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay")
+    eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     bptt_depth: int = Field(-1, description="segments of backprop through memory; -1 = full BPTT")
@@ -251,8 +267,8 @@ class ModelConfig(_Strict):
     head_dim: int = Field(0, ge=0, description="0 = d_model // n_heads")
     d_ff: int = Field(0, ge=0, description="0 = 8/3 * d_model rounded to 8")
     max_seq_len: int = Field(2048, ge=1, description="longest sequence the attention backbone accepts")
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-6, gt=0)
     tie_embeddings: bool = False
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -282,7 +298,7 @@ class ModelConfig(_Strict):
     segment_local: bool = Field(
         False, description="baseline only: attend within each segment instead of the whole sequence"
     )
-    init_std: float = 0.02
+    init_std: float = Field(0.02, gt=0)
     rmt: RMTConfig | None = None
     hmt: HMTConfig | None = None
     lm2: LM2Config | None = None
@@ -378,14 +394,28 @@ class MeshConfig(_Strict):
         default_factory=dict, description="overrides of the logical-axis rules table"
     )
 
+    @model_validator(mode="after")
+    def _check_rules(self) -> MeshConfig:
+        for logical, axes in self.rules.items():
+            if isinstance(axes, list) and len(set(axes)) != len(axes):
+                raise ValueError(f"mesh.rules.{logical} = {axes} names a mesh axis twice")
+        return self
+
 
 class DistributedConfig(_Strict):
     enabled: bool = Field(False, description="call jax.distributed.initialize")
     coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    local_device_count: int | None = Field(None, description="CPU only: fake devices per process")
-    initialization_timeout: int = 120
+    num_processes: int | None = Field(None, ge=1)
+    process_id: int | None = Field(None, ge=0)
+    local_device_count: int | None = Field(None, ge=1, description="CPU only: fake devices per process")
+    initialization_timeout: int = Field(120, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DistributedConfig:
+        if self.process_id is not None and self.num_processes is not None and self.process_id >= self.num_processes:
+            raise ValueError(f"distributed.process_id ({self.process_id}) must be < distributed.num_processes "
+                             f"({self.num_processes})")
+        return self
 
 
 class Config(_Strict):

@@ -146,7 +146,7 @@ def load_run_params(run: str, step: int | None, cfg=None):
     """(config, step, params on one device) of a run dir's checkpoint (latest unless `step`); cfg: the run's
     config when already read."""
     cfg = cfg or config_lib.read_run_config(run)
-    ckpt = Checkpointer(os.path.join(run, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(os.path.join(run, "checkpoints"), async_save=False, create=False)
     try:
         steps = ckpt.all_steps()
         if not steps:

@@ -61,6 +61,8 @@ class AssociativeRecallCorpus:
                  num_values: int = 16, num_filler: int = 32, seed: int = 0, in_window: float = 0.0):
         if 2 * num_pairs + 1 > segment_len or n_segments < 2:
             raise ValueError("AssociativeRecallCorpus: need 2*num_pairs+1 <= segment_len and n_segments >= 2")
+        if num_pairs > num_keys:
+            raise ValueError(f"AssociativeRecallCorpus: {num_pairs} pairs need distinct keys, there are {num_keys}")
         if not 0.0 <= in_window <= 1.0:
             raise ValueError(f"AssociativeRecallCorpus: in_window={in_window} is not a fraction in [0, 1]")
         if in_window > 0 and 4 * num_pairs + 1 > segment_len:

@@ -161,7 +161,7 @@ def n_segments_for_step(cfg, step: int) -> int:
 def warm_start(setup, source_dir: str):
     """Params from the latest checkpoint of another run (a curriculum's previous stage)."""
     src_ckpt = os.path.join(source_dir, "checkpoints")
-    ckpt = Checkpointer(src_ckpt, async_save=False)
+    ckpt = Checkpointer(src_ckpt, async_save=False, create=False)
     try:
         step = ckpt.latest_step()
         if step is None:
@@ -218,7 +218,8 @@ def train(cfg) -> dict:
     warm = None  # read before the run dir is created, so a source that does not fit leaves nothing behind
     if cfg.train.init_from and not (os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
         warm = warm_start(setup, cfg.train.init_from)
-    ckpt = Checkpointer(ckpt_dir, cfg.train.max_checkpoints, cfg.train.async_checkpoint)
+    # read-only until the step has traced (below): a refused run leaves no checkpoints/ behind
+    ckpt = Checkpointer(ckpt_dir, cfg.train.max_checkpoints, cfg.train.async_checkpoint, create=False)
     start = ckpt.latest_step()
     if start is not None:
         params, opt_state, carry, data = ckpt.restore(start, setup.abstract_params, setup.abstract_opt,
@@ -238,12 +239,21 @@ def train(cfg) -> dict:
         opt_state = setup_lib.init_opt_state(setup, params)
         carry = setup_lib.init_carry(setup, params)
 
+    # Trace the step before anything is written: the models check what only their shapes reveal (a segment
+    # longer than an attention span, more sensory tokens than a segment, a kernel the backend lacks) while tracing.
+    step_fn = setup_lib.jit_train_step(setup)
+    spec = setup_lib.batch_spec(cfg)
+    with setup.activate():
+        step_fn.trace(params, opt_state, carry,
+                      {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sh[k]) for k, v in spec.items()})
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    if not os.path.isdir(ckpt_dir):  # the writing manager
+        ckpt.close()
+        ckpt = Checkpointer(ckpt_dir, cfg.train.max_checkpoints, cfg.train.async_checkpoint)
     writer = MetricsWriter(run_dir, enabled=is_main)
     writer.truncate_after(start)
-    step_fn = setup_lib.jit_train_step(setup)
     eval_step = setup_lib.jit_eval_step(setup) if eval_batches else None
     schedule = lr_schedule(cfg.train)
     tokens_per_step = cfg.train.batch_size * cfg.data.n_segments * cfg.data.segment_len

@@ -122,6 +122,18 @@ def test_config_errors_name_the_override_and_compile_checks_the_mesh(tmp_path):
     ("train: 5\n", ["train.steps=2"], "train is 5, not a mapping"),
     (b"model:\n  d_model: 32 # caf\xe9\n", [], "not UTF-8 text"),
     (None, ["distributed.enabled=true"], "distributed.enabled=true but no cluster was detected"),
+    # session 16's audit: each of these used to raise a traceback, diverge, or write the run dir first
+    (None, ["train.lr=.inf"], "train.lr: must be a finite number, got inf"),
+    (None, ["model.vocab_size=4294967296"], "model.vocab_size: 4294967296 is out of range"),
+    (None, ["run.seed=-1"], "run.seed: Input should be greater than or equal to 0"),
+    (None, ["train.b1=2"], "train.b1: Input should be less than 1"),
+    (None, ["model.rope_theta=0"], "model.rope_theta: Input should be greater than 0"),
+    (None, ["mesh.rules={embed:[fsdp,fsdp]}"], "mesh.rules.embed = ['fsdp', 'fsdp'] names a mesh axis twice"),
+    (None, ["distributed.num_processes=1", "distributed.process_id=5"],
+     "distributed.process_id (5) must be < distributed.num_processes (1)"),
+    (None, ["data.source=assoc_recall", "data.recall_pairs=17", "data.segment_len=64"],
+     "17 pairs need distinct keys, there are 16"),
+    (None, ["model.kind=hmt", "model.hmt.num_sensory=40"], "model.hmt.num_sensory (40) exceeds data.segment_len"),
 ])
 def test_more_bad_input_is_one_line_and_writes_nothing(tmp_path, yaml_text, args, needle):
     config = BASE[0]
