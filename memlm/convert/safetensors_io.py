@@ -85,6 +85,8 @@ def read_header(path: str) -> tuple[dict, dict[str, str], int]:
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a safetensors file (header is not a mapping)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: __metadata__ is not a mapping of strings (safetensors format)")
     data_size = size - 8 - n
     for name, info in header.items():
         try:

@@ -212,6 +212,15 @@ class Corpus:
 # ----------------------------------------------------------------------------- loading
 
 
+def _load_cache_entry(directory: str) -> Corpus:
+    """A tokenized split from the cache; a damaged entry (edited, truncated) is named, not guessed around."""
+    try:
+        return Corpus.load(directory)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSON / numpy format errors are ValueErrors
+        raise UserError(f"{directory}: damaged corpus cache entry ({type(e).__name__}: {str(e)[:200]}); delete "
+                        "this directory and the split is tokenized again") from None
+
+
 def _stat_entries(files: Sequence[str], root: str) -> list:
     out = []
     for f in files:
@@ -316,7 +325,7 @@ def load_corpus(
         raise UserError(f"{cache_dir}: the cache dir (data.cache_dir / --cache-dir) is a file, not a directory")
     final_dir = os.path.join(cache_dir, "corpus", key) if cache_dir else None
     if final_dir and os.path.isfile(os.path.join(final_dir, "meta.json")):
-        return Corpus.load(final_dir)
+        return _load_cache_entry(final_dir)
 
     tmp_dir = None
     tfds_tmp = None
@@ -359,7 +368,7 @@ def load_corpus(
             except OSError:  # another process finished the same entry first; use theirs
                 shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir = None
-            return Corpus.load(final_dir)
+            return _load_cache_entry(final_dir)
         return corpus
     finally:
         if tmp_dir:

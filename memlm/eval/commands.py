@@ -164,8 +164,10 @@ def _check_state(out: Path, state: dict, restart: bool) -> tuple[bool, str | Non
         return False, None
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
         raise UserError(f"{path}: not valid JSON (use --restart to start over)") from None
+    if not isinstance(old, dict):
+        raise UserError(f"{path}: not a BABILong evaluation state (use --restart to start over)")
     diff = [k for k in state if old.get(k) != state[k]]
     if diff:
         raise UserError(f"{out}: holds a BABILong evaluation with different {', '.join(diff)}; "

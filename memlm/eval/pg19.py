@@ -33,7 +33,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -352,16 +352,23 @@ def _read_jsonl(path: Path) -> list[dict]:
     rows are appended after valid ones); a bad line elsewhere is a UserError."""
     if not path.is_file():
         return []
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text at byte {e.start} (delete the file or use --restart)") from None
     rows = []
+    needed = {f.name for f in fields(BookStats)}
     for i, line in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines):
                 path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
                 break
             raise UserError(f"{path}: line {i} is not valid JSON (delete the file or use --restart)") from None
+        if not isinstance(row, dict) or set(row) != needed or not isinstance(row["book_id"], int):
+            raise UserError(f"{path}: line {i} is not a book's result (delete the file or use --restart)")
+        rows.append(row)
     return rows
 
 
@@ -432,8 +439,10 @@ def evaluate_pg19(lm, data_dir: str, split: str, out_dir: str, max_books: int | 
     if state_path.is_file() and not restart:
         try:
             old = json.loads(state_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
             raise UserError(f"{state_path}: not valid JSON (use --restart)") from None
+        if not isinstance(old, dict):
+            raise UserError(f"{state_path}: not a PG-19 evaluation state (use --restart)")
         diff = [k for k in state if old.get(k) != state[k]]
         if diff:
             raise UserError(f"{out}: holds a PG-19 evaluation with different {', '.join(diff)}; "

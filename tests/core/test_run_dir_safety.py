@@ -163,3 +163,37 @@ def test_truncated_checkpoint_data_is_one_line(trained_run, tmp_path):
     r = run_memlm("train", *SYNTH, f"run.dir={run_dir}", "train.steps=3")
     _check_error(r, "checkpoints/2: cannot read the checkpoint")
     assert snapshot(str(run_dir)) == before
+
+
+def test_damaged_corpus_cache_entry_is_named(tmp_path):
+    from memlm.data.corpus import load_corpus
+    from memlm.data.tokenizers import load_tokenizer
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("some text for the cache\n" * 20)
+    tok = load_tokenizer("bytes", None)
+    first = load_corpus("text_dir", str(tmp_path / "texts"), "train", tok, cache_dir=str(tmp_path / "cache"))
+    (entry,) = os.listdir(tmp_path / "cache" / "corpus")
+    entry = tmp_path / "cache" / "corpus" / entry
+    for name, junk in (("meta.json", "garbage"), ("tokens.npy", "garbage")):
+        good = (entry / name).read_bytes()
+        (entry / name).write_text(junk)
+        with pytest.raises(UserError, match=f"{entry}: damaged corpus cache entry"):
+            load_corpus("text_dir", str(tmp_path / "texts"), "train", tok, cache_dir=str(tmp_path / "cache"))
+        (entry / name).write_bytes(good)
+    again = load_corpus("text_dir", str(tmp_path / "texts"), "train", tok, cache_dir=str(tmp_path / "cache"))
+    assert again.total_tokens == first.total_tokens
+
+
+def test_safetensors_metadata_must_be_strings(tmp_path):
+    import json
+    import struct
+
+    from memlm.convert import safetensors_io as st
+
+    for meta in (5, {"memlm.config": 5}):
+        header = json.dumps({"__metadata__": meta}).encode()
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+        with pytest.raises(UserError, match="__metadata__ is not a mapping of strings"):
+            st.read_header(str(path))

@@ -290,6 +290,21 @@ def test_evaluate_pg19_outputs_resume_and_crash(tmp_path, stateless):
         evaluate_pg19(lm, str(tmp_path / "pg"), "validation", str(tmp_path / "out"), max_tokens_per_book=50,
                       progress=False, run_info={"model": "fake"})
 
+    # damaged result files are named, not a traceback (session 16's audit), and are left as they are
+    rows_path, state_path = crash / "pg19_validation_books.jsonl", crash / "pg19_validation_run.json"
+    good_rows, good_state = rows_path.read_bytes(), state_path.read_bytes()
+    for path, damage, needle in ((rows_path, b'"hello"\n', "line 4 is not a book's result"),
+                                 (rows_path, b'{"book_id": 121}\n', "line 4 is not a book's result"),
+                                 (rows_path, b"\xff\xfe\n", "not UTF-8"),
+                                 (state_path, None, "not a PG-19 evaluation state")):
+        path.write_bytes(b"[1, 2]" if damage is None else good_rows + damage)
+        with pytest.raises(UserError, match=needle):
+            evaluate_pg19(lm, str(tmp_path / "pg"), "validation", str(crash), progress=False,
+                          run_info={"model": "fake"})
+        assert path.read_bytes() == (b"[1, 2]" if damage is None else good_rows + damage)
+        rows_path.write_bytes(good_rows)
+        state_path.write_bytes(good_state)
+
 
 
 @pytest.mark.parametrize("stateless", [False, True])
