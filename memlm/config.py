@@ -462,6 +462,9 @@ class Config(_Strict):
             if self.data.segment_len > m.max_seq_len:
                 raise ValueError(f"data.segment_len ({self.data.segment_len}) exceeds model.max_seq_len "
                                  f"({m.max_seq_len}); Titans attends within a segment, the memory carries the rest")
+            if m.titans.conv_kernel > self.data.segment_len:
+                raise ValueError(f"model.titans.conv_kernel ({m.titans.conv_kernel}) exceeds data.segment_len "
+                                 f"({self.data.segment_len}): the short conv reaches one segment back at most")
             if m.titans.pipeline_group and not m.titans.pipeline_layers:
                 raise ValueError("model.titans.pipeline_group is set but model.titans.pipeline_layers is false")
         if m.kind == "landmark" and self.data.segment_len % m.landmark.block_size:
@@ -503,6 +506,21 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
     path = os.path.abspath(path)
     if path in seen:
@@ -511,9 +529,10 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
         raise UserError(f"{path}: config file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        lines = [x for x in str(e).splitlines() if x.strip() and not x.startswith(" ")]
+        raise UserError(f"{path}: invalid YAML: {lines[-1] if lines else e}") from None
     except UnicodeDecodeError as e:
         raise not_utf8(path, e) from None
     if not isinstance(raw, dict):

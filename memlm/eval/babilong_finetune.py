@@ -108,7 +108,11 @@ def build_train_corpus(tasks: Sequence[str], lengths: Sequence[str], samples_per
     ``cache_dir`` when given, and encode them with the model's ``tokenizer``."""
     from memlm.eval.commands import collect_samples, parse_cells
 
-    tasks, lengths = parse_cells(",".join(tasks), ",".join(lengths))
+    try:
+        tasks, lengths = parse_cells(",".join(tasks), ",".join(lengths))
+    except UserError as e:  # parse_cells names the eval command's flags; here they are config keys
+        msg = str(e).replace("--tasks:", "data.babilong.tasks:").replace("--lengths:", "data.babilong.lengths:")
+        raise UserError(msg) from None
     cells = collect_samples(tasks, lengths, samples=samples_per_cell, books=books_dir, books_split=books_split,
                             seed=seed, tokenizer=length_tokenizer or tokenizer, cache_dir=cache_dir,
                             reuse_cache=cache_dir is not None, progress=False)

@@ -134,6 +134,12 @@ def test_config_errors_name_the_override_and_compile_checks_the_mesh(tmp_path):
     (None, ["data.source=assoc_recall", "data.recall_pairs=17", "data.segment_len=64"],
      "17 pairs need distinct keys, there are 16"),
     (None, ["model.kind=hmt", "model.hmt.num_sensory=40"], "model.hmt.num_sensory (40) exceeds data.segment_len"),
+    ("base: ../../../configs/tiny/baseline.yaml\ntrain:\n  steps: 3\n  steps: 5\n", [],
+     "invalid YAML: key 'steps' appears twice (line 4)"),
+    (None, ["model.kind=titans", "model.titans.conv_kernel=100", "model.titans.chunk_size=8"],
+     "model.titans.conv_kernel (100) exceeds data.segment_len (32)"),
+    (None, ["data.source=babilong", "data.path=configs", "data.babilong.tasks=[qa99]"],
+     "data.babilong.tasks: unknown task 'qa99'"),
 ])
 def test_more_bad_input_is_one_line_and_writes_nothing(tmp_path, yaml_text, args, needle):
     config = BASE[0]
