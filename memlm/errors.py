@@ -66,17 +66,18 @@ def check_output_file(path: str, flag: str, force: bool = False) -> None:
         raise UserError(f"{flag} {path}: is a directory; give a file path")
     if os.path.lexists(path) and not force:
         raise UserError(f"{flag} {path}: already exists (pass --force to overwrite it)")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+    _check_nearest_parent(path, flag)
 
 
 def check_output_dir(path: str, flag: str) -> None:
     """Refuse an output DIRECTORY path that names an existing file (results and resumable state go inside it)."""
     if os.path.lexists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a file, not a directory")
+    _check_nearest_parent(path, flag)
+
+
+def _check_nearest_parent(path: str, flag: str) -> None:
+    """The nearest existing ancestor of path (what makedirs would build under) must be a directory."""
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
