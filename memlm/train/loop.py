@@ -218,7 +218,7 @@ def train(cfg) -> dict:
     warm = None  # read before the run dir is created, so a source that does not fit leaves nothing behind
     if cfg.train.init_from and not (os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
         warm = warm_start(setup, cfg.train.init_from)
-    # read-only until the step has traced (below): a refused run leaves no checkpoints/ behind
+    # not created here: a run refused while its step traces (below) leaves no checkpoints/ behind
     ckpt = Checkpointer(ckpt_dir, cfg.train.max_checkpoints, cfg.train.async_checkpoint, create=False)
     start = ckpt.latest_step()
     if start is not None:
@@ -247,11 +247,8 @@ def train(cfg) -> dict:
         step_fn.trace(params, opt_state, carry,
                       {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sh[k]) for k, v in spec.items()})
     if is_main:
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(ckpt_dir, exist_ok=True)  # the manager was opened without creating it (above)
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    if not os.path.isdir(ckpt_dir):  # the writing manager
-        ckpt.close()
-        ckpt = Checkpointer(ckpt_dir, cfg.train.max_checkpoints, cfg.train.async_checkpoint)
     writer = MetricsWriter(run_dir, enabled=is_main)
     writer.truncate_after(start)
     eval_step = setup_lib.jit_eval_step(setup) if eval_batches else None
