@@ -181,16 +181,6 @@ def _add_optional_eval(esub) -> None:
     add_eval_commands(esub)
 
 
-def _silence_native_stderr() -> None:
-    """After the one-line error nothing else may reach stderr: library threads still running (tensorstore readers
-    of a damaged checkpoint) print tracebacks from native code during shutdown. Only for the command itself
-    (main() without argv), never in a caller's process."""
-    sys.stderr.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # argparse stops collecting a positional list at the first option, so `memlm compile CFG --devices 8 a.b=1`
@@ -205,12 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        if errors.COMMAND_STDERR_FD is not None:  # descriptor 2 was silenced after a native failure
+        if errors.COMMAND_STDERR_FD is not None:  # descriptor 2 was silenced after a failed checkpoint read
             os.write(errors.COMMAND_STDERR_FD, f"memlm: error: {e}\n".encode())
             return 2
         print(f"memlm: error: {e}", file=sys.stderr)
-        if argv is None:
-            _silence_native_stderr()
         return 2
     except TrainingDiverged as e:
         print(f"memlm: diverged: {e}", file=sys.stderr)
