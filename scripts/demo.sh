@@ -37,7 +37,7 @@ echo "== training configs/tiny/baseline.yaml -> $RUN (resumes from the latest ch
 $MEMLM train configs/tiny/baseline.yaml "run.dir=$RUN" "data.path=$BOOKS"
 
 echo "== evaluating validation perplexity"
-$MEMLM eval lm --run "$RUN" --split validation --out "$RUN/eval_validation.json"
+$MEMLM eval lm --run "$RUN" --split validation --out "$RUN/eval_validation.json" --force  # its own result, replaced on a rerun
 
 echo "== a greedy sample"
 .venv/bin/python - "$RUN" <<'PY'
