@@ -321,6 +321,8 @@ def _bring_tokenizer(path: str, out: str, raw: dict) -> tuple[dict[str, bytes], 
         f.write(data)
     try:
         tokenizer = load_tokenizer(kind, scratch)
+    except UserError as e:  # it names the scratch copy: name the file the user has instead
+        raise UserError(str(e).replace(scratch, files[0] if kind == "sentencepiece" else path)) from None
     finally:
         os.remove(scratch)
     raw.setdefault("data", {})

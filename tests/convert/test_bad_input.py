@@ -150,3 +150,11 @@ def test_cli_exit_code_and_one_line(hf_dir, tmp_path):
     r = run_memlm("import", "hf", hf_dir, "--out", str(out), *ARGS)
     assert r.returncode == 2 and "already exists" in r.stderr and "--force" in r.stderr
     assert os.listdir(out) == []
+
+
+def test_a_damaged_tokenizer_is_named_as_the_users_file(hf_dir, tmp_path):
+    """The import loads the tokenizer from a scratch copy; the error names the source's file, not that copy."""
+    d = _copy(hf_dir, tmp_path)
+    (d / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    msg = _assert_import_fails(d, tmp_path, str(d / "tokenizer.model"))
+    assert ".tmp-" not in msg
