@@ -374,6 +374,7 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
             log.info("model.kind=%s replaces %d backbone tensors (e.g. %s); they are not imported",
                      cfg.model.kind, len(dropped), dropped[0])
     memory_file = os.path.join(path, MEMORY_FILE)
+    mem: dict = {}  # the exported run's memory tensors, when they are imported
     if saved_kind == cfg.model.kind and os.path.isfile(memory_file):
         section = config_lib.MEMORY_SECTIONS.get(cfg.model.kind)
         diffs = [] if section is None else config_lib.config_differences(
@@ -395,6 +396,10 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
     setup = _setup(cfg)
     known = {n for e in flat_lib.layout(setup.abstract_params) for n in e.names()}
     alien = sorted(set(flat) - known)
+    alien_memory = [n for n in alien if n in mem]
+    if alien_memory:
+        raise UserError(f"{memory_file}: tensor {alien_memory[0]} is not a parameter of this "
+                        f"model.kind={cfg.model.kind} model ({len(alien_memory)} such)")
     if alien:
         raise UserError(f"model.kind={cfg.model.kind}: its decoder does not have the plain {cfg.model.arch} layout "
                         f"(no parameter {alien[0]}), so a {hf_lib.architecture(hf_cfg)} checkpoint cannot be its "

@@ -42,7 +42,9 @@ def dtype_name(dtype) -> str:
 
 
 def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` (name -> array) to `path`, in name order, with string metadata."""
+    """Write `tensors` (name -> array) to `path`, in name order, with string metadata. Written to a temporary
+    sibling and renamed: the tensors may be memory-mapped from `path` itself (read() maps files), which an
+    in-place rewrite would truncate under them (SIGBUS), and a failed write leaves the old file."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -59,11 +61,17 @@ def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
         arrays.append(arr)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned (as the reference writer does)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for arr in arrays:
-            f.write(arr.tobytes())
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for arr in arrays:
+                f.write(arr.tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 def read_header(path: str) -> tuple[dict, dict[str, str], int]:

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 import memlm  # noqa: E402
 from memlm.convert import runs  # noqa: E402
+from memlm.errors import UserError  # noqa: E402
 from tests.convert.common import FAST, run_params, tiny_gpt2, tiny_llama, torch_logits  # noqa: E402
 from tests.core.cli_utils import run_memlm  # noqa: E402
 
@@ -148,6 +149,11 @@ def test_memory_layers_export_hf(tmp_path, arch):
     back = str(tmp_path / "back")
     runs.import_hf(out, back)
     _same_params(run_params(run), run_params(back), 300)
+    # a tensor renamed in memory.safetensors is named as that file's, not blamed on the decoder layout
+    memory["bogus.tensor"] = memory.pop("values")
+    st.write(f"{out}/memory.safetensors", memory, {"format": "memlm", "memlm.kind": "memory_layers"})
+    with pytest.raises(UserError, match=r"memory.safetensors: tensor bogus.tensor is not a parameter"):
+        runs.import_hf(out, str(tmp_path / "again"))
 
 
 @pytest.mark.parametrize("arch,variant", [("llama", "mac"), ("gpt2", "mag")])

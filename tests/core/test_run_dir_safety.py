@@ -197,3 +197,21 @@ def test_safetensors_metadata_must_be_strings(tmp_path):
         path.write_bytes(struct.pack("<Q", len(header)) + header)
         with pytest.raises(UserError, match="__metadata__ is not a mapping of strings"):
             st.read_header(str(path))
+
+
+def test_safetensors_rewrite_of_its_own_mapped_tensors(tmp_path):
+    """read() memory-maps; writing those tensors back to the same path used to truncate the file under its own
+    mapping (the process died with SIGBUS). The write goes through a temporary sibling now."""
+    import numpy as np
+
+    from memlm.convert import safetensors_io as st
+
+    path = str(tmp_path / "t.safetensors")
+    st.write(path, {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.int32)})
+    tensors, _ = st.read(path)
+    tensors["c"] = tensors.pop("a") * 2
+    st.write(path, tensors, {"note": "rewritten"})
+    again, meta = st.read(path)
+    assert sorted(again) == ["b", "c"] and meta == {"note": "rewritten"}
+    np.testing.assert_array_equal(again["c"], np.arange(6, dtype=np.float32).reshape(2, 3) * 2)
+    assert os.listdir(tmp_path) == ["t.safetensors"]
