@@ -440,6 +440,9 @@ class Config(_Strict):
                     f"{self.model.max_seq_len}; model.kind={self.model.kind} has no recurrent memory (use a "
                     "memory model or model.segment_local=true)"
                 )
+        if self.model.segment_local and self.model.kind not in ("baseline", "memory_layers"):
+            raise ValueError(f"model.segment_local applies to model.kind=baseline / memory_layers (one attention over "
+                             f"the sequence), not {self.model.kind}, whose attention is per segment already")
         if self.train.batch_size % self.train.grad_accum:
             raise ValueError(f"train.grad_accum ({self.train.grad_accum}) does not divide train.batch_size "
                              f"({self.train.batch_size})")
@@ -462,6 +465,9 @@ class Config(_Strict):
             if self.data.segment_len > m.max_seq_len:
                 raise ValueError(f"data.segment_len ({self.data.segment_len}) exceeds model.max_seq_len "
                                  f"({m.max_seq_len}); Titans attends within a segment, the memory carries the rest")
+            if m.titans.num_longterm and m.titans.variant != "mac":
+                raise ValueError(f"model.titans.num_longterm ({m.titans.num_longterm}) is a MAC option (retrieved "
+                                 f"tokens in its attention); variant {m.titans.variant} has none")
             if m.titans.conv_kernel > self.data.segment_len:
                 raise ValueError(f"model.titans.conv_kernel ({m.titans.conv_kernel}) exceeds data.segment_len "
                                  f"({self.data.segment_len}): the short conv reaches one segment back at most")

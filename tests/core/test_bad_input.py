@@ -138,6 +138,9 @@ def test_config_errors_name_the_override_and_compile_checks_the_mesh(tmp_path):
      "invalid YAML: key 'steps' appears twice (line 4)"),
     (None, ["model.kind=titans", "model.titans.conv_kernel=100", "model.titans.chunk_size=8"],
      "model.titans.conv_kernel (100) exceeds data.segment_len (32)"),
+    (None, ["model.kind=rmt", "model.segment_local=true"], "model.segment_local applies to model.kind=baseline"),
+    (None, ["model.kind=titans", "model.titans.variant=mag", "model.titans.num_longterm=8",
+            "model.titans.chunk_size=8"], "model.titans.num_longterm (8) is a MAC option"),
     (None, ["data.source=babilong", "data.path=configs", "data.babilong.tasks=[qa99]"],
      "data.babilong.tasks: unknown task 'qa99'"),
 ])
