@@ -175,11 +175,15 @@ class Checkpointer:
         error from the storage layer (tensorstore's 'OUT_OF_RANGE: ...', orbax's bare Exception for truncated or
         missing array data) means damaged files; other ValueError / KeyError / TypeError mean a mismatch (the
         optimizer state's structure, dtypes). The manager is closed: nothing more is read from this run dir."""
+        earlier = [s for s in self.all_steps() if s < step]
         self.close()
         first = _first_line(e)
         if isinstance(e, (ValueError, KeyError, TypeError)) and not re.match(r"[A-Z_]{5,}: ", first):
             return UserError(f"{self.directory}/{step}: checkpoint does not match {what} ({first})")
-        return UserError(f"{self.directory}/{step}: cannot read the checkpoint, damaged or incomplete ({first})")
+        # nothing is deleted for the user: naming the earlier checkpoints says how to go back to one
+        hint = (f"; move {self.directory}/{step} out of the run dir to use the earlier checkpoint {max(earlier)}"
+                if earlier else "")
+        return UserError(f"{self.directory}/{step}: cannot read the checkpoint, damaged or incomplete ({first}){hint}")
 
     def restore(self, step: int, abstract_params, abstract_opt_state, abstract_carry):
         """Restore onto the shardings carried by the abstract targets. Mismatch -> UserError."""

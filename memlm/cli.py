@@ -13,7 +13,7 @@ import os
 import sys
 
 from memlm import errors
-from memlm.errors import NonFiniteOutput, TrainingDiverged, UserError, check_output_file
+from memlm.errors import NonFiniteOutput, OneLineArgumentParser, TrainingDiverged, UserError, check_output_file
 
 OVERRIDES_HELP = "config overrides as key.path=value (e.g. train.steps=100 mesh.data=8)"
 
@@ -126,7 +126,7 @@ def _config_keys_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memlm", description="Long-context memory transformers in JAX/Flax.")
+    p = OneLineArgumentParser(prog="memlm", description="Long-context memory transformers in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     epilog = _config_keys_epilog()
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=raw,
                        description="Train a model. Resumes automatically from the latest checkpoint in run.dir.")
     t.add_argument("config", help="YAML config file (may use `base:` inheritance)")
-    t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    t.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compile", help="AOT-compile the train step for the configured mesh on fake CPU devices",
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Lower and compile the train step without real hardware; print the parameter "
                                    "count and per-device memory from compiled.memory_analysis().")
     c.add_argument("config", help="YAML config file")
-    c.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    c.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     c.add_argument("--devices", type=int, default=0,
                    help="number of fake devices (default: the mesh size; required when mesh.data=-1)")
     c.set_defaults(func=cmd_compile)

@@ -50,6 +50,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: a usage error is one line (`PROG: error: MESSAGE (see PROG
+    --help)`) on stderr and exit code 2, without the usage block argparse prints first. Sub-commands made with
+    add_parser inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def run_script(main: Callable[[], int | None], prog: str) -> int:
     """A script's main() with the memlm CLI's contract: a UserError is one line on stderr and exit code 2."""
     try:

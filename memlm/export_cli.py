@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from memlm.errors import OneLineArgumentParser
+
 OVERRIDES_HELP = "config overrides as key.path=value (e.g. model.kind=rmt data.source=synthetic)"
 
 EXPORT_DESCRIPTION = """\
@@ -31,7 +33,7 @@ copied into RUN/tokenizer/ with data.tokenizer/tokenizer_path pointing at it. A 
 `memlm export --format hf` also restores its memlm.yaml config and memory.safetensors (same model.kind)."""
 
 
-class _IntermixedParser(argparse.ArgumentParser):
+class _IntermixedParser(OneLineArgumentParser):
     """Lets overrides follow options (`PATH --out DIR model.kind=rmt`): positionals may be intermixed."""
 
     _inside = False
@@ -91,7 +93,7 @@ def add_export_import_commands(subparsers) -> None:
     h.add_argument("--out", required=True, metavar="DIR", help="run directory to create")
     h.add_argument("--force", action="store_true", help="replace DIR if it exists")
     h.add_argument("--no-tokenizer", action="store_true", help="ignore tokenizer files in PATH")
-    h.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    h.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     h.set_defaults(func=cmd_import_hf)
     s = isub.add_parser("safetensors", help="a `memlm export --format safetensors` file",
                         description="Rebuild a run dir (step-0 checkpoint) from an exported safetensors file; "
@@ -99,5 +101,5 @@ def add_export_import_commands(subparsers) -> None:
     s.add_argument("path", metavar="FILE", help="the .safetensors file")
     s.add_argument("--out", required=True, metavar="DIR", help="run directory to create")
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")
-    s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    s.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     s.set_defaults(func=cmd_import_safetensors)

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memlm.errors import positive_int, run_script  # noqa: E402
+from memlm.errors import OneLineArgumentParser, positive_int, run_script  # noqa: E402
 
 
 class _Bench:
@@ -158,7 +158,7 @@ def _write(out: str | None, payload) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="throughput and memory of one config at several sizes")
     t.add_argument("config")

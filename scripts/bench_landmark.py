@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memlm.errors import UserError, positive_int, run_script  # noqa: E402
+from memlm.errors import OneLineArgumentParser, UserError, positive_int, run_script  # noqa: E402
 
 MIB = 2**20
 
@@ -94,7 +94,7 @@ def full_attention_step(model, carry: dict, tokens):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--config", default=os.path.join(root, "configs", "tiny", "landmark.yaml"))
     p.add_argument("--context", type=positive_int, default=32768)

@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memlm.errors import positive_int, run_script  # noqa: E402
+from memlm.errors import OneLineArgumentParser, positive_int, run_script  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -108,7 +108,7 @@ def _lengths(text: str) -> list[int]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--tokens", type=_lengths, default="16384,262144", help="stream lengths, comma-separated")

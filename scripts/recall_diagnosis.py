@@ -33,11 +33,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from memlm.data.synthetic import AssociativeRecallCorpus  # noqa: E402
+from memlm.errors import OneLineArgumentParser  # noqa: E402
 from tests.memory import test_recall_learning as trl  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["one-segment", "warm-start", "mac-scratch"])
     p.add_argument("--model", default=None, help="model config JSON (one-segment: default baseline; warm-start: "
                    "the memory model, default RMT with 8 memory tokens)")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -363,6 +364,9 @@ def load_corpus(
             corpus._save_meta(tmp_dir, {"source": source, "path": root, "split": split,
                                         "tokenizer": fingerprint_of(tokenizer)})
             del corpus
+            # mkdtemp made it 0700: the entry takes its parent's mode (makedirs made that one under the umask),
+            # so a cache shared by a group stays readable to it
+            os.chmod(tmp_dir, stat.S_IMODE(os.stat(os.path.dirname(final_dir)).st_mode))
             try:
                 os.rename(tmp_dir, final_dir)
             except OSError:  # another process finished the same entry first; use theirs

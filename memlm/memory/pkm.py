@@ -159,7 +159,10 @@ def lookup(queries, keys1, keys2, values, *, top_k: int, layout: str, implementa
             return pkm_lookup_sharded(queries, keys1, keys2, values, top_k=top_k, mesh=mesh, value_axis=axes[0],
                                       layout=layout, token_axes=tok or None)
     impl = None if implementation == "auto" else implementation
-    return pkm_lookup(queries, keys1, keys2, values, top_k=top_k, implementation=impl)
+    try:
+        return pkm_lookup(queries, keys1, keys2, values, top_k=top_k, implementation=impl)
+    except UserError as e:  # name the config key the user set, not the kernel's argument
+        raise UserError(str(e).replace("pkm_lookup.implementation", "model.memory_layers.implementation")) from e
 
 
 STATS = ("used_frac", "usage_entropy")

@@ -9,7 +9,6 @@ y and the final state w.r.t. every input: what training runs, the case paper §3
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlm.errors import positive_int
+from memlm.errors import OneLineArgumentParser, positive_int
 from pallas_kernels.chunked_memory.reference import chunked_memory_reference
 from pallas_kernels.chunked_memory.xla import chunked_memory_xla, default_coefficient_scan
 
@@ -103,7 +102,7 @@ def run(T: int = 4096, d: int = 64, batch: int = 4, chunk_size: int = 64, depth:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=positive_int, default=4096)
     p.add_argument("--d", type=positive_int, default=64)
     p.add_argument("--batch", type=positive_int, default=4)

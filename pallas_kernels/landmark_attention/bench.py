@@ -7,7 +7,6 @@ holds [batch, heads, T, T] scores and weights, the blockwise version [batch, hea
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlm.errors import positive_int
+from memlm.errors import OneLineArgumentParser, positive_int
 
 from .reference import landmark_attention_reference
 from .xla import landmark_attention_xla
@@ -84,7 +83,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=positive_int, default=2048)
     p.add_argument("--block-size", type=positive_int, default=64)
     p.add_argument("--batch", type=positive_int, default=1)

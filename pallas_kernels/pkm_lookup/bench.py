@@ -13,7 +13,6 @@ xla.pkm_lookup_xla and of a 2-matmul GELU FFN whose forward FLOPs/token match th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -21,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from memlm.errors import positive_int
+from memlm.errors import OneLineArgumentParser, positive_int
 from pallas_kernels.pkm_lookup.xla import pkm_lookup_xla
 
 
@@ -106,7 +105,7 @@ def run(
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=positive_int, nargs="+", default=[2**16, 2**18, 2**20])
     p.add_argument("--d", type=positive_int, default=128)
     p.add_argument("--tokens", type=positive_int, default=1024)

@@ -143,6 +143,9 @@ def test_config_errors_name_the_override_and_compile_checks_the_mesh(tmp_path):
             "model.titans.chunk_size=8"], "model.titans.num_longterm (8) is a MAC option"),
     (None, ["data.source=babilong", "data.path=configs", "data.babilong.tasks=[qa99]"],
      "data.babilong.tasks: unknown task 'qa99'"),
+    (None, ["model.kind=memory_layers", "model.memory_layers.num_values=64", "model.memory_layers.k_dim=16",
+            "model.memory_layers.top_k=4", "model.memory_layers.implementation=triton"],
+     "model.memory_layers.implementation: 'triton' needs a gpu backend"),
 ])
 def test_more_bad_input_is_one_line_and_writes_nothing(tmp_path, yaml_text, args, needle):
     config = BASE[0]
@@ -176,3 +179,23 @@ def test_mesh_run_and_output_paths_are_checked(tmp_path):
         r = run_memlm("export", "--run", str(run_dir), "--format", "safetensors", "--out", str(out), "--force")
         _check_error(r, "would overwrite its own source")
     assert snapshot(str(run_dir)) == before
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train"], "memlm train: error: the following arguments are required: config (see memlm train --help)"),
+    (["compile", "c.yaml", "--devices", "x"], "memlm compile: error: argument --devices: invalid int value: 'x'"),
+    (["eval", "lm", "--run"], "memlm eval lm: error: argument --run: expected one argument"),
+    (["export", "r", "--format", "nope", "--out", "o"], "memlm export: error: argument --format: invalid choice"),
+    (["import", "hf", "src"], "memlm import hf: error: the following arguments are required: --out"),
+    (["data", "fetch-books"], "memlm data fetch-books: error: the following arguments are required: DIR"),
+    (["train", "c.yaml", "--bogus"], "memlm: error: unrecognized arguments: --bogus (see memlm --help)"),
+])
+def test_usage_errors_are_one_line(argv, needle, capsys):
+    """argparse's own errors keep the CLI's contract: one line (no usage block before it), exit code 2."""
+    from memlm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(needle), err

@@ -2,6 +2,7 @@
 without its checkpoints, books and tokenizers already on disk are refused in one line (exit 2) and left as
 they were; malformed run files (metrics.jsonl, data_state) are named instead of raising a traceback."""
 
+import json
 import os
 import shutil
 
@@ -161,8 +162,15 @@ def test_truncated_checkpoint_data_is_one_line(trained_run, tmp_path):
     r = run_memlm("eval", "lm", "--run", str(run_dir), "--max-batches", "1")
     _check_error(r, "checkpoints/2: cannot read the checkpoint")
     r = run_memlm("train", *SYNTH, f"run.dir={run_dir}", "train.steps=3")
-    _check_error(r, "checkpoints/2: cannot read the checkpoint")
+    _check_error(r, "checkpoints/2: cannot read the checkpoint",
+                 f"move {run_dir}/checkpoints/2 out of the run dir to use the earlier checkpoint 1")
     assert snapshot(str(run_dir)) == before
+    # doing what the line says resumes from checkpoint 1, and the history after step 1 is replaced
+    os.rename(run_dir / "checkpoints" / "2", tmp_path / "damaged_2")
+    r = run_memlm("train", *SYNTH, f"run.dir={run_dir}", "train.steps=3")
+    assert r.returncode == 0 and "resumed from step 1" in r.stderr, r.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3], steps
 
 
 def test_damaged_corpus_cache_entry_is_named(tmp_path):

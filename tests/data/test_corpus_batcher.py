@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +364,9 @@ class TestLoadCorpus:
         texts = write_text_dir(tmp_path / "t", n_docs=2, n_lines=30)
         cache = str(tmp_path / "cache")
         first = load_corpus("text_dir", str(tmp_path / "t"), "train", byte_tok, cache_dir=cache)
+        parent = os.path.join(cache, "corpus")
+        (entry,) = os.listdir(parent)  # made by mkdtemp (0700), then given its parent's mode
+        assert stat.S_IMODE(os.stat(os.path.join(parent, entry)).st_mode) == stat.S_IMODE(os.stat(parent).st_mode)
 
         def fail(*a, **k):
             raise AssertionError("cache miss")
