@@ -55,6 +55,9 @@ class TrainConfig(_Strict):
     lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    lr_decay: Literal["cosine", "linear"] = Field(
+        "cosine", description="after warmup, decay to lr * min_lr_ratio at train.steps: cosine, or linear (RMT's "
+        "BABILong recipe and Memory+ use linear)")
     weight_decay: float = Field(0.1, ge=0)
     b1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay")
     b2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay")
@@ -114,6 +117,12 @@ class LM2Config(_Strict):
         "position",
         description="how a segment's T per-token updates map onto the N slots: by position (the official code's "
         "time-to-slot resampling, done at the segment's end: causal; default) or by each token's read weights",
+    )
+    bank: Literal["per_block", "shared"] = Field(
+        "per_block",
+        description="per_block (default): every block keeps its own bank across segments ([B, n_layers, N, d]); "
+        "shared: one bank per sequence threads through the blocks as in the paper's M_t -> M_{t+1} and the "
+        "official code ([B, N, d]): every block reads the segment-start bank and the writes chain block to block",
     )
 
 
@@ -211,7 +220,9 @@ class MemoryLayersConfig(_Strict):
     memory_plus: bool = Field(True, description="shared value pool + SiLU-gated output (swilu)")
     qk_norm: bool = False
     value_lr: float = Field(1e-3, gt=0, description="learning rate of the values (own optimizer group)")
-    value_weight_decay: bool = Field(False, description="apply train.weight_decay to the values too")
+    value_weight_decay: bool = Field(
+        True, description="apply train.weight_decay to the values too, as the official code does (one AdamW "
+        "over every group; models.md §6(g)); false exempts them")
     value_sharding: Literal["columns", "rows"] = Field(
         "columns", description="which dim of the values is split over the mesh axis of rule pkm_value_dim"
     )

@@ -410,6 +410,7 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
         log.log(logging.WARNING if lost else logging.INFO, "%d parameters are not in %s%s and start fresh (e.g. %s)",
                 len(fresh), path, f" ({MEMORY_FILE} is missing)" if lost else "", fresh[0])
     params = setup_lib.init_params(setup, cfg.run.seed)
+    flat.update(_scaled_to_the_embedding(cfg.model, flat, params))
 
     def given(p: tuple[str, ...]) -> bool:
         return ".".join(p) in flat or flat_lib.layer_name(p, 0) in flat
@@ -418,6 +419,22 @@ def import_hf(path: str, out: str, overrides: list[str] | None = None, force: bo
     _write_run(setup, params, out, tokenizer, tok_files)
     return {"source": os.path.abspath(path), "out": os.path.abspath(out), "model.kind": cfg.model.kind,
             "arch": cfg.model.arch, "tokenizer": cfg.data.tokenizer, "step": 0}
+
+
+def _scaled_to_the_embedding(model_cfg, flat: dict, params) -> dict:
+    """The kind's fresh memory parameters drawn as N(0,1) * std(word embeddings) (its EMBEDDING_STD_PARAMS, e.g.
+    RMT's M_0, models.md §1(a)), rescaled from model.init_std to the imported embedding's std: what the official
+    code does when it wraps a pretrained model. Returns {name: array} for the ones the import does not give."""
+    from memlm.models.lm import memory_module
+
+    names = [n for n in getattr(memory_module(model_cfg.kind), "EMBEDDING_STD_PARAMS", ()) if n not in flat]
+    if not names or "decoder.embedding" not in flat:
+        return {}
+    emb_std = float(np.std(np.asarray(flat["decoder.embedding"], np.float64)[: model_cfg.vocab_size]))
+    fresh = flat_lib.to_flat(params)
+    out = {n: (fresh[n] * (emb_std / model_cfg.init_std)).astype(fresh[n].dtype) for n in names}
+    log.info("%s drawn with the imported embedding's std %.4g", ", ".join(names), emb_std)
+    return out
 
 
 def import_safetensors(path: str, out: str, overrides: list[str] | None = None, force: bool = False) -> dict:

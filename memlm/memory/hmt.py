@@ -46,6 +46,9 @@ from memlm.models.decoder import Decoder
 from memlm.models.lm import register_model
 from memlm.models.segments import segment_major, segments_lm_loss
 
+# Drawn as N(0,1) * std(word embeddings): `memlm import hf` rescales them to the imported backbone's embedding.
+EMBEDDING_STD_PARAMS = ("mem_init", "prompt")
+
 
 class HMT(nnx.Module):
     stateless = False

@@ -1,7 +1,7 @@
 """LM2: Large Memory Models (Kang et al. 2025, arXiv 2502.06049), the paper's equations (§2), made causal.
 
-Every decoder block t owns a memory bank M_t in R^{N x d} per sequence (the carry holds all of them,
-[B, n_layers, N, d]). For the input E of block t (its pre-attention RMSNorm output), with H = lm2.num_heads:
+For the input E of a decoder block (its pre-attention RMSNorm output) and a memory bank M in R^{N x d} per
+sequence, with H = lm2.num_heads:
 
   read (§2.1):    Q = E W^Q, K = M W^K, V = M W^V (per head, d/H wide), A = softmax(QK^T / sqrt(d/H))
                   over the N slots (optionally only the top-k slots per token and head), E_mem = A V  [T, d].
@@ -31,6 +31,20 @@ Every decoder block t owns a memory bank M_t in R^{N x d} per sequence (the carr
                   routing learns the key/value binding and read-weight routing stays on the 75% plateau (with 1
                   or 4 memory heads): at the start every token reads the slots almost uniformly, so read-weight
                   routing writes the same segment average into every slot and no slot can specialise.
+
+BANKS (`lm2.bank`). In the paper t indexes the decoder block (models.md §5(a)): block t reads M_t and writes
+M_{t+1}, which the next block reads, and the official code threads one S x S bank through all layers. Read
+literally inside one forward pass, that lets block t+1 read a bank written from every token of the segment,
+later ones included. memlm keeps the memory causal in one of two ways:
+  `bank: per_block` (default): every block t owns a bank M^(t), carried across segments ([B, n_layers, N, d]);
+      block t reads its own bank as it was at the segment start and writes it at the segment's end. Memory
+      does not pass between blocks. This is the form every LM2 figure in BENCHMARKS.md was measured with.
+  `bank: shared`: one bank per sequence ([B, N, d], n_layers times smaller), the paper's chain: every block
+      reads the segment-start bank M, and at the segment's end the writes run block after block,
+      M_0 = M, M_{t+1} = write_t(M_t) (the write above, with its g_forget * M term applied to M_t); the next
+      segment starts from M_L. With `gate_mode: sequence_mean_leaky` block t reads the chain's M_t itself
+      (the official code's order, leaking as below).
+With one block the two are the same model (tested).
 
 CAUSALITY (`gate_mode: causal`, default): the memory is updated once per segment, from that segment's tokens,
 after they were processed; every token of a segment reads the memory as it was at the segment start. So
@@ -132,10 +146,13 @@ class LM2Memory(nnx.Module):
         keep = keep + (1.0 - jnp.sum(alpha, axis=1))[..., None]
         return cand + keep * mem, g_in, g_f
 
-    def __call__(self, e: jax.Array, mem: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
-        """e [B, T, d], mem f32 [B, N, d] -> (g_out * E_mem in e.dtype [B, T, d], new memory, stats)."""
+    def __call__(self, e: jax.Array, mem: jax.Array, chain: jax.Array | None = None) -> tuple[jax.Array, jax.Array,
+                                                                                             dict]:
+        """e [B, T, d], mem f32 [B, N, d] (the bank read) -> (g_out * E_mem in e.dtype [B, T, d], new memory, stats).
+
+        chain f32 [B, N, d]: the bank the write updates (M_t of `bank: shared`); None = mem."""
         e_mem, w = self.read(e, mem)
-        new, g_in, g_f = self.write(e, e_mem, w, mem)
+        new, g_in, g_f = self.write(e, e_mem, w, mem if chain is None else chain)
         if self.leaky:  # the segment's own output reads the memory its (whole-segment) gates just wrote
             e_mem, w = self.read(e, new)
         g_out = jax.nn.sigmoid(self.w_out(e_mem.astype(e.dtype)).astype(jnp.float32))
@@ -151,9 +168,9 @@ class LM2Block(Block):
         super().__init__(cfg, rngs)
         self.memory = LM2Memory(cfg, rngs)
 
-    def __call__(self, x, positions, mask, mem):
+    def __call__(self, x, positions, mask, mem, chain=None):
         e = self.attn_norm(x)
-        gated, new_mem, stats = self.memory(e, mem)
+        gated, new_mem, stats = self.memory(e, mem, chain)
         h = x + self.attn(e, positions, mask) + gated
         out = h + self.mlp(self.mlp_norm(h))
         return constrain(out, ("batch", "act_seq", "act_embed")), new_mem, stats
@@ -167,21 +184,38 @@ class LM2Decoder(Decoder):
         self.blocks = make_stacked_blocks(cfg, rngs, cfg.n_layers, LM2Block)
 
     def backbone_mem(self, x, positions, mask, memory):
-        """x [B, T, d], memory f32 [B, n_layers, N, d] -> (final-normed h, new memory, per-layer-mean stats).
+        """x [B, T, d], memory f32 [B, n_layers, N, d] (`bank: per_block`) or [B, N, d] (`bank: shared`) ->
+        (final-normed h, new memory, per-layer-mean stats).
 
-        lax.scan over the stacked layers with the layer's memory bank as part of the scanned xs.
+        lax.scan over the stacked layers: per_block scans each layer's bank with its parameters; shared carries
+        the write chain M_t with h and gives every layer the segment-start bank to read (module docstring).
         """
         graphdef, stacked = nnx.split(self.blocks)
         x = self.add_positions(x, positions)
+
+        def remat(f):
+            if self.cfg.remat not in _REMAT_POLICIES:
+                return f
+            return jax.checkpoint(f, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+
+        if self.cfg.lm2.bank == "shared":
+            leaky = self.cfg.lm2.gate_mode == "sequence_mean_leaky"
+
+            def chain_body(carry, layer_state):
+                h, chain = carry
+                h, chain, stats = nnx.merge(graphdef, layer_state)(h, positions, mask, chain if leaky else memory,
+                                                                   chain)
+                return (h, chain), stats
+
+            (h, mem), stats = jax.lax.scan(remat(chain_body), (x, memory), stacked)
+            return self.final_norm(h), mem, jax.tree.map(jnp.mean, stats)
 
         def body(h, xs):
             layer_state, mem = xs
             h, mem, stats = nnx.merge(graphdef, layer_state)(h, positions, mask, mem)
             return h, (mem, stats)
 
-        if self.cfg.remat in _REMAT_POLICIES:
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        h, (mems, stats) = jax.lax.scan(body, x, (stacked, jnp.swapaxes(memory, 0, 1)))
+        h, (mems, stats) = jax.lax.scan(remat(body), x, (stacked, jnp.swapaxes(memory, 0, 1)))
         return self.final_norm(h), jnp.swapaxes(mems, 0, 1), jax.tree.map(jnp.mean, stats)
 
 
@@ -202,17 +236,21 @@ class LM2(nnx.Module):
 
     # ---- carry protocol ------------------------------------------------------------------------------------
     def init_carry(self, batch: int) -> dict:
-        """{"memory": f32 [batch, n_layers, N, d]}: every block's bank = the first N rows of I_d."""
+        """{"memory": f32 [batch, n_layers, N, d] (`bank: per_block`) or [batch, N, d] (`bank: shared`)}: every
+        bank = the first N rows of I_d."""
         cfg = self.cfg
         m0 = jnp.eye(cfg.lm2.num_slots, cfg.d_model, dtype=jnp.float32)
-        return {"memory": jnp.broadcast_to(m0, (batch, cfg.n_layers) + m0.shape)}
+        banks = () if cfg.lm2.bank == "shared" else (cfg.n_layers,)
+        return {"memory": jnp.broadcast_to(m0, (batch,) + banks + m0.shape)}
 
     def carry_axes(self) -> dict:
+        if self.cfg.lm2.bank == "shared":
+            return {"memory": MEM_AXES}
         return {"memory": ("batch", "layers", "mem_slots", "act_embed")}
 
     # ---- one segment ---------------------------------------------------------------------------------------
     def segment_hidden(self, carry: dict, tokens: jax.Array) -> tuple[tuple[jax.Array, dict], dict]:
-        """tokens [B, L] -> ((final-normed hidden [B, L, d], stats), {"memory": [B, n_layers, N, d]})."""
+        """tokens [B, L] -> ((final-normed hidden [B, L, d], stats), {"memory": the new banks (init_carry)})."""
         b, seg_len = tokens.shape
         if seg_len > self.cfg.max_seq_len:
             raise UserError(f"data.segment_len ({seg_len}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
@@ -222,7 +260,7 @@ class LM2(nnx.Module):
         return (h, stats), {"memory": mem}
 
     def segment(self, carry: dict, tokens: jax.Array) -> tuple[jax.Array, dict, dict]:
-        """tokens [B, L] -> (logits f32 [B, L, vocab], {"memory": [B, n_layers, N, d]}, stats)."""
+        """tokens [B, L] -> (logits f32 [B, L, vocab], {"memory": the new banks (init_carry)}, stats)."""
         (h, stats), carry = self.segment_hidden(carry, tokens)
         return self.decoder.head(h), carry, stats
 

@@ -6,7 +6,8 @@ Each segment H_n (L tokens) is processed by the unchanged backbone with m memory
     logits_n = head(h[m : m+L])               (only text positions produce logits)
     M_n      = h[m+L : 2m+L]                  (final-layer, final-norm hidden states at the write positions)
 
-M_0 is a learned [m, d_model] parameter (init N(0,1) * std of the word embeddings, as the official code) and
+M_0 is a learned [m, d_model] parameter (init N(0,1) * std of the word embeddings, as the official code: from
+scratch that std is model.init_std, and `memlm import hf` rescales M_0 to the imported embedding's std) and
 is reinstated at every document start. Gradients flow through M across segments (full BPTT) or are cut every
 k segments (`train.bptt_depth`, handled by models/segments.py). With m = 0 the model is exactly the
 segment-local baseline.
@@ -27,6 +28,9 @@ from memlm.layers.attention import causal_mask
 from memlm.models.decoder import Decoder
 from memlm.models.lm import register_model
 from memlm.models.segments import segment_major, segments_lm_loss
+
+# Drawn as N(0,1) * std(word embeddings): `memlm import hf` rescales them to the imported backbone's embedding.
+EMBEDDING_STD_PARAMS = ("mem_init",)
 
 
 class RMT(nnx.Module):

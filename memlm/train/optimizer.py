@@ -1,9 +1,10 @@
-"""AdamW (Loshchilov & Hutter 2019) with linear warmup, cosine decay and global-norm clipping.
+"""AdamW (Loshchilov & Hutter 2019) with linear warmup, cosine (or linear) decay and global-norm clipping.
 
 Memory layers (`model.kind: memory_layers`, Berges et al. 2024 §4 / models.md §6(b)) put the product-key
 values (every parameter named `values`) in their own group: learning rate `memory_layers.value_lr` times the
-schedule's shape (schedule(step) / train.lr), weight decay only if `memory_layers.value_weight_decay`, and
-their gradients are clipped to `train.grad_clip` separately from the other parameters.
+schedule's shape (schedule(step) / train.lr), gradients clipped to `train.grad_clip` separately from the other
+parameters, and weight decay like the other matrices (the official code runs one AdamW over every group;
+models.md §6(g)) unless `memory_layers.value_weight_decay: false`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ import optax
 
 
 def lr_schedule(train_cfg) -> optax.Schedule:
-    """0 -> lr over warmup_steps, then cosine decay to lr * min_lr_ratio at train.steps."""
+    """0 -> lr over warmup_steps, then cosine (or, with `lr_decay: linear`, linear) decay to lr * min_lr_ratio at
+    train.steps."""
     warm = train_cfg.warmup_steps
+    if train_cfg.lr_decay == "linear":
+        end = train_cfg.lr * train_cfg.min_lr_ratio
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, train_cfg.lr, warm),
+             optax.linear_schedule(train_cfg.lr, end, max(train_cfg.steps - warm, 1))], [warm])
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=train_cfg.lr,

@@ -5,7 +5,8 @@ Titans neural long-term memory (arXiv 2501.00663 §3.1-3.2): per sequence,
 with gradients inside a chunk of `chunk_size` tokens taken at the chunk-start weights M_{t'}
 (t' = t - t mod chunk_size; chunk_size=1 is the fully sequential rule) and the retrieval
     y_t = M_t(q_t)      if retrieve_after_update
-    y_t = M_{t-1}(q_t)  otherwise (default: read before writing token t, the MAC order).
+    y_t = M_{t-1}(q_t)  otherwise (default: read before writing token t, as memlm's MAG and MAL do; MAC's
+                        output gate reads M_t(y_t) after the update, so it passes retrieve_after_update=True).
 M is a bias-free MLP (depth 1: M(x) = x W; deeper: SiLU or GELU between layers), one per sequence.
 
 Dispatch: implementation=None picks the Pallas kernel of `jax.default_backend()` (gpu -> 'triton',

@@ -7,7 +7,8 @@ T tokens with keys k_t, values v_t, queries q_t and data-dependent gates theta_t
     S_t = eta_t S_{t-1} - theta_t grad loss(M_{t'}; x_t)    (eq. 13-14, surprise with momentum)
     M_t = (1 - alpha_t) M_{t-1} + S_t                      (eq. 13, forgetting)
     y_t = M_t(q_t)      if retrieve_after_update            (eq. 15)
-    y_t = M_{t-1}(q_t)  otherwise (the MAC order: read the memory before writing token t)
+    y_t = M_{t-1}(q_t)  otherwise (read the memory before writing token t: memlm's MAG and MAL; MAC's output
+                        gate reads M_t(y_t) after the update (§4.1), so it passes retrieve_after_update)
 
 Optional inner gradient clipping (not in the paper; models.md §2 pitfalls, "clamp gradient norms"): with
 grad_clip = c > 0 the gradient above is replaced by u_t min(1, c / ||u_t||), ||u_t|| the Frobenius norm over

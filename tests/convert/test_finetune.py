@@ -28,6 +28,9 @@ def test_rmt_on_an_imported_gpt2_fine_tunes_and_evaluates(tmp_path):
     assert cfg["run"]["dir"] == str(run)
     imported = run_params(str(run))
     assert "mem_init" in imported and imported["mem_init"].shape == (4, 32)
+    # M_0 ~ N(0,1) * std(word embeddings) (models.md §1(a)): the imported embedding's (0.2 here), not init_std 0.02
+    ratio = imported["mem_init"].std() / imported["decoder.embedding"][:300].std()
+    assert 0.7 < ratio < 1.4, ratio
 
     r = run_memlm("train", str(run / "config.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,6 +1,7 @@
 """End-to-end training from the CLI: resume after SIGKILL is exact; metrics; eval; load API; compile."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 
 from memlm.checkpoint import Checkpointer
-from memlm.config import read_run_config
+from memlm.config import from_dict, read_run_config
 from memlm.sharding import make_mesh
 from memlm.train import setup as setup_lib
+from memlm.train.optimizer import lr_schedule
 from tests.core.cli_utils import ROOT, memlm_cmd, run_memlm
 
 pytestmark = pytest.mark.integration
@@ -186,3 +188,20 @@ def test_divergence_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
         assert max(ck.all_steps()) == bad - 1  # the diverged step was not saved
     finally:
         ck.close()
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_lr_schedule_is_its_formula(decay):
+    """Linear warmup from 0, then cosine or linear decay to lr * min_lr_ratio at train.steps, constant after."""
+    lr, warm, steps, ratio = 2e-3, 8, 50, 0.05
+    t = from_dict({"train": {"steps": steps, "warmup_steps": warm, "lr": lr, "min_lr_ratio": ratio,
+                             "lr_decay": decay}}).train
+    schedule = lr_schedule(t)
+    for step in range(60):
+        if step < warm:
+            want = lr * step / warm
+        else:
+            frac = min((step - warm) / (steps - warm), 1.0)
+            shape = 1.0 - frac if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+            want = lr * (ratio + (1.0 - ratio) * shape)
+        assert abs(float(schedule(step)) - want) <= 1e-6 * lr, (step, float(schedule(step)), want)

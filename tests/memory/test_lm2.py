@@ -13,6 +13,7 @@ from flax import nnx
 from memlm import sharding
 from memlm.config import from_dict
 from memlm.errors import UserError
+from memlm.layers.attention import causal_mask
 from memlm.memory.lm2 import LM2Memory
 from tests.core.cli_utils import run_memlm
 from tests.memory.common import make, make_batch, stream_logits
@@ -97,10 +98,12 @@ def test_zero_value_projection_is_the_segment_local_baseline(arch):
     assert float(n_lm2) == float(n_base)
 
 
-@pytest.mark.parametrize("gate_mode,routing,leaks", [("causal", "position", False), ("causal", "read_weights", False),
-                                                      ("sequence_mean_leaky", "position", True)])
-def test_causality_and_the_leaky_official_gate(gate_mode, routing, leaks):
-    cfg, model = lm2(gate_mode=gate_mode, write_routing=routing)
+@pytest.mark.parametrize("gate_mode,routing,bank,leaks", [
+    ("causal", "position", "per_block", False), ("causal", "read_weights", "per_block", False),
+    ("sequence_mean_leaky", "position", "per_block", True),
+    ("causal", "position", "shared", False), ("sequence_mean_leaky", "position", "shared", True)])
+def test_causality_and_the_leaky_official_gate(gate_mode, routing, bank, leaks):
+    cfg, model = lm2(gate_mode=gate_mode, write_routing=routing, bank=bank)
     tokens = make_batch(cfg)["tokens"].reshape(2, -1)
     ref = stream_logits(model, tokens, 8)
     for t in (2, 7, 8, 13, 21):  # inside a segment and at boundaries
@@ -117,6 +120,7 @@ def test_causality_and_the_leaky_official_gate(gate_mode, routing, leaks):
     ("lm2", {"lm2": LM2}, True),
     ("lm2", {"lm2": {**LM2, "top_k": 4}}, True),
     ("lm2", {"lm2": {**LM2, "write_routing": "read_weights"}}, True),
+    ("lm2", {"lm2": {**LM2, "bank": "shared"}}, True),
     ("baseline", {"segment_local": True}, False),
 ])
 def test_segment_one_reaches_segment_three(kind, extra, expect_change):
@@ -154,15 +158,62 @@ def test_truncated_bptt(depth, zero):
     assert np.abs(np.asarray(g["decoder"]["blocks"]["memory"]["wq"]["kernel"][...])).max() > 0  # the read is
 
 
-def test_streaming_equals_training_forward():
-    cfg, model = lm2()
+@pytest.mark.parametrize("bank,shape", [("per_block", (2, 2, 16, 32)), ("shared", (2, 16, 32))])
+def test_streaming_equals_training_forward(bank, shape):
+    cfg, model = lm2(bank=bank)
     batch = make_batch(cfg, seed=3)
     loss_sum, n, carry, aux = model.loss(model.init_carry(2), batch)
     logits = stream_logits(model, batch["tokens"].reshape(2, -1), 8)
     ref = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"].reshape(2, -1)).sum()
     np.testing.assert_allclose(float(loss_sum), float(ref), rtol=2e-6)
-    assert carry["memory"].shape == (2, 2, 16, 32)
+    assert carry["memory"].shape == shape
     assert {"gate_in", "gate_forget", "gate_out", "memory_norm"} <= set(aux)
+
+
+def _layer(model, i: int):
+    graphdef, stacked = nnx.split(model.decoder.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
+
+
+@pytest.mark.parametrize("gate_mode", ["causal", "sequence_mean_leaky"])
+def test_shared_bank_chains_the_writes_block_to_block(gate_mode):
+    """`bank: shared`, spelled out as a loop over the blocks with each block's own read and write: every block
+    reads the segment-start bank M (the chain's M_t under the leaky gate) and writes M_{t+1} = write_t(M_t);
+    the next segment starts from M_L. With one block it is the per-block model with the same parameters."""
+    cfg, model = lm2(bank="shared", gate_mode=gate_mode)
+    dec = model.decoder
+    tokens = make_batch(cfg, seed=5)["tokens"].reshape(2, -1)
+    carry = model.init_carry(2)
+    bank = carry["memory"]
+    for start in (0, 8, 16):
+        seg = tokens[:, start:start + 8]
+        pos = jnp.broadcast_to(jnp.arange(8), seg.shape)
+        x = dec.add_positions(dec.embed(seg), pos)
+        chain = bank
+        for i in range(cfg.model.n_layers):
+            block = _layer(model, i)
+            e = block.attn_norm(x)
+            read_from = chain if gate_mode == "sequence_mean_leaky" else bank
+            e_mem, w = block.memory.read(e, read_from)
+            new, _, _ = block.memory.write(e, e_mem, w, chain)
+            if gate_mode == "sequence_mean_leaky":
+                e_mem, _ = block.memory.read(e, new)
+            g_out = jax.nn.sigmoid(block.memory.w_out(e_mem.astype(e.dtype)).astype(jnp.float32))
+            h = x + block.attn(e, pos, causal_mask(pos, pos)) + (g_out * e_mem).astype(e.dtype)
+            x = h + block.mlp(block.mlp_norm(h))
+            chain = new
+        want = dec.head(dec.final_norm(x))
+        logits, carry = model.segment_logits(carry, seg)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(carry["memory"]), np.asarray(chain), rtol=2e-5, atol=2e-6)
+        bank = chain
+    assert float(jnp.max(jnp.abs(bank - model.init_carry(2)["memory"]))) > 1e-3  # the bank did move
+    # one block: the shared bank is the per-block model's only bank
+    cfg1, one = make("lm2", n_layers=1, lm2={**LM2, "bank": "shared", "gate_mode": gate_mode})
+    _, per_block = make("lm2", n_layers=1, lm2={**LM2, "gate_mode": gate_mode})
+    nnx.update(per_block, nnx.state(one))
+    np.testing.assert_allclose(np.asarray(stream_logits(one, tokens, 8)),
+                               np.asarray(stream_logits(per_block, tokens, 8)), rtol=1e-6, atol=1e-6)
 
 
 def test_reset_restores_initial_memory():
