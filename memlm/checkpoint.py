@@ -233,8 +233,12 @@ class Checkpointer:
 
 
 def _first_line(e: BaseException) -> str:
+    """The error's first line, without orbax's pointer to a TensorStore repr (a bound-method fragment), at most
+    300 characters."""
     text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+    line = text.splitlines()[0] if text else type(e).__name__
+    line = line.split(" See full TensorStore details:")[0].rstrip()
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def save_params_only(path: str, params) -> None:

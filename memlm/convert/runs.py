@@ -52,10 +52,13 @@ def _np_dtype(name: str):
     return np.float32 if name == "float32" else ml_dtypes.bfloat16
 
 
-def _check_destination(out: str, force: bool, what: str, source: str, markers: tuple[str, ...] = ()) -> None:
-    """The output may be replaced (--force) but never be, contain or sit inside the source it is made from, and
+def _check_destination(out: str, force: bool, what: str, source: str, markers: tuple[str, ...] = (),
+                       file_output: bool = False) -> None:
+    """The output may be replaced (--force) but never be, contain or sit inside the source it is made from.
     --force replaces a directory only if it is empty or holds one of `markers` (a previous output of this kind:
-    never a directory of the user's that happens to be named)."""
+    never a directory of the user's that happens to be named), and a file only if the output is a file
+    (`file_output`) and that file is a previous safetensors export. Missing parent directories are made, as
+    `memlm train` makes run.dir's."""
     o, src = os.path.realpath(out), os.path.realpath(source)
     if os.path.commonpath([o, src]) in (o, src):
         raise UserError(f"{out}: the output would overwrite its own source {source}; choose another path")
@@ -65,9 +68,20 @@ def _check_destination(out: str, force: bool, what: str, source: str, markers: t
             os.path.isfile(os.path.join(out, m)) for m in markers):
         kind = f"a previous {what} (no {' or '.join(markers)})" if markers else f"a {what}"
         raise UserError(f"{out}: a directory that is not {kind}; --force does not replace it")
+    if os.path.lexists(out) and not os.path.isdir(out) and not (file_output and _is_safetensors_export(out)):
+        raise UserError(f"{out}: a file that is not a previous {what}; --force does not replace it")
     parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise UserError(f"{out}: parent directory {parent} does not exist")
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise UserError(f"{out}: parent {parent} is a file, not a directory")
+    os.makedirs(parent, exist_ok=True)
+
+
+def _is_safetensors_export(path: str) -> bool:
+    """A file `memlm export --format safetensors` wrote (its header carries the memlm config)."""
+    try:
+        return "memlm.config" in st.read_header(path)[1]
+    except (UserError, OSError):
+        return False
 
 
 # what a directory written by `export --format F` holds (safetensors writes a file: no directory is replaced)
@@ -218,7 +232,7 @@ def export_run(run: str, fmt: str, out: str, step: int | None = None, dtype: str
         raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     npd = _np_dtype(dtype)
     cfg = config_lib.read_run_config(run)  # a bad --run is named before a bad --out
-    _check_destination(out, force, "export", run, EXPORT_MARKERS.get(fmt, ()))
+    _check_destination(out, force, "export", run, EXPORT_MARKERS.get(fmt, ()), file_output=fmt == "safetensors")
     cfg, step, params = load_run_params(run, step, cfg)
     flat = flat_lib.to_flat(params, npd) if fmt != "params" else None
     files: dict[str, bytes] = {}

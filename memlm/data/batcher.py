@@ -176,6 +176,9 @@ class SegmentBatcher:
 
     def restore(self, state: dict) -> None:
         """Resume from `state()`. The state may hold more slots than this batcher (e.g. merged from hosts)."""
+        if state.get("kind") == "babilong_samples":
+            raise ValueError("it is a data.source=babilong position (whole samples), and this run reads a token "
+                             "stream; give the run its own run.dir")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"batcher state: unsupported version {state.get('version')!r}")
         for key in ("seed", "segment_len", "num_docs"):

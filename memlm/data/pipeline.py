@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from memlm.errors import UserError
@@ -51,6 +52,10 @@ def get_corpus(cfg, split: str, tokenizer):
             from memlm.data.tokenizers import load_tokenizer
 
             length_tok = load_tokenizer("gpt2", d.babilong.gpt2_tokenizer)
+        elif tokenizer.name != "gpt2":
+            logging.getLogger(__name__).warning(
+                "data.babilong.gpt2_tokenizer is not set: sample lengths (%s) count %s tokens, not GPT-2 tokens as "
+                "BABILong's do", ", ".join(d.babilong.lengths), tokenizer.name)
         b = d.babilong
         return build_train_corpus(b.tasks, b.lengths, b.samples_per_cell, d.path, tokenizer, length_tok,
                                   seed=b.seed + (0 if split == "train" else 1000),

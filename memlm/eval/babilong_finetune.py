@@ -201,7 +201,8 @@ class SampleBatcher:
 
     def restore(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or state.get("kind") != "babilong_samples":
-            raise ValueError("batcher state: not a BABILong sample batcher state")
+            raise ValueError("it is not a data.source=babilong position (whole samples); give the run its own "
+                             "run.dir")
         for key in ("seed", "num_docs"):
             if int(state[key]) != (self.seed if key == "seed" else self.corpus.num_docs):
                 raise ValueError(f"batcher state: {key} {state[key]} differs from this batcher's")

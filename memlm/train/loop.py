@@ -228,8 +228,11 @@ def train(cfg) -> dict:
         try:
             if not position.get("fresh"):  # `memlm import` writes a fresh position: start the data anew
                 batcher.restore(position)
-        except (ValueError, KeyError) as e:
+        except ValueError as e:
             raise UserError(f"{run_dir}: checkpoint {start} data position does not fit this data ({e})") from None
+        except KeyError as e:
+            raise UserError(f"{run_dir}: checkpoint {start} data position does not fit this data (it has no field "
+                            f"{e}: written for another data.source?)") from None
         log.info("resumed from step %d", start)
     else:
         start = 0

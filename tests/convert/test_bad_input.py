@@ -72,6 +72,14 @@ def test_clean_dir_imports(hf_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ok"]
 
 
+def test_force_does_not_replace_a_plain_file(hf_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    with pytest.raises(UserError, match="a file that is not a previous run dir; --force does not replace it"):
+        runs.import_hf(hf_dir, str(notes), ARGS, force=True)
+    assert notes.read_text() == "precious" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
 def test_unsupported_architecture(hf_dir, tmp_path):
     d = _copy(hf_dir, tmp_path)
     _edit_config(d, model_type="bert", architectures=["BertForMaskedLM"])

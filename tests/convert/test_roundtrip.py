@@ -111,10 +111,21 @@ def test_export_refuses_to_overwrite(rmt_run, tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.startswith("memlm: error:")]
     assert len(lines) == 1 and "already exists" in lines[0] and "--force" in lines[0], r.stderr[-2000:]
     assert out.read_text() == "precious"
+    # --force replaces a previous safetensors export, not a file of the user's (session 17's README audit)
     r = run_memlm("export", "--run", rmt_run, "--format", "safetensors", "--out", str(out), "--force")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert st.read(str(out))[0]["mem_init"].shape == (3, 32)
-    assert sorted(os.listdir(tmp_path)) == ["exists.safetensors"]  # no temporary left behind
+    assert r.returncode == 2 and "a file that is not a previous export" in r.stderr, r.stderr[-2000:]
+    assert out.read_text() == "precious"
+    prev = tmp_path / "prev.safetensors"
+    runs.export_run(rmt_run, "safetensors", str(prev))
+    runs.export_run(rmt_run, "safetensors", str(prev), force=True)
+    assert st.read(str(prev))[0]["mem_init"].shape == (3, 32)
+    assert sorted(os.listdir(tmp_path)) == ["exists.safetensors", "prev.safetensors"]  # no temporary left behind
+    # missing parent directories are made, as `memlm train` makes run.dir's
+    runs.export_run(rmt_run, "safetensors", str(tmp_path / "a" / "b" / "new.safetensors"))
+    assert (tmp_path / "a" / "b" / "new.safetensors").is_file()
+    (tmp_path / "a" / "b").joinpath("new.safetensors").unlink()
+    (tmp_path / "a" / "b").rmdir()
+    (tmp_path / "a").rmdir()
     # a directory destination too, and bad steps
     d = tmp_path / "dir"
     d.mkdir()

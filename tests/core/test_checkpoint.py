@@ -96,3 +96,14 @@ def test_mismatch_names_the_parameters(tmp_path):
             ck.restore_params(1, s.abstract_params)
     finally:
         ck.close()
+
+
+def test_restore_error_line_drops_the_tensorstore_repr_pointer():
+    from memlm.checkpoint import _first_line
+
+    e = Exception("Encountered error while reading array index: (slice(0, 2, 1),). See full TensorStore details: "
+                  "<bound method pybind11_detail.spec of TensorStore({\n  'driver': 'zarr'})>")
+    assert _first_line(e) == "Encountered error while reading array index: (slice(0, 2, 1),)."
+    long = _first_line(ValueError("x" * 400))
+    assert len(long) == 300 and long.endswith("...")
+    assert _first_line(KeyError()) == "KeyError"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from memlm.data.batcher import SegmentBatcher
 from memlm.data.tokenizers import ByteTokenizer
 from memlm.errors import UserError
 from memlm.eval.babilong_finetune import (
@@ -78,6 +79,12 @@ def test_corpus_and_batches(corpus):
         b2.restore(state)
         again = b2.next()
         assert all(np.array_equal(nxt[k], again[k]) for k in nxt)
+        # a position of the other data kind is named as such (a run dir reused across data.source)
+        stream = SegmentBatcher(sub, 4, 2, L, seed=0)
+        with pytest.raises(ValueError, match="it is a data.source=babilong position"):
+            stream.restore(state)
+        with pytest.raises(ValueError, match="it is not a data.source=babilong position"):
+            b2.restore(stream.state())
     with pytest.raises(UserError, match="data.n_segments"):
         SampleBatcher(corpus, 2, stages[0]["n_segments"], L, seed=0)
 
