@@ -64,7 +64,8 @@ class TrainConfig(_Strict):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    bptt_depth: int = Field(-1, description="segments of backprop through memory; -1 = full BPTT")
+    bptt_depth: int = Field(-1, description="-1 = full BPTT (default); k >= 1 cuts the gradient through the "
+                            "memory every k segments (blocks, not a sliding window: models/segments.py)")
     async_checkpoint: bool = True
     init_from: str | None = Field(
         None, description="warm start: params of the latest checkpoint of this run dir (curriculum stages)"
@@ -92,7 +93,8 @@ class HMTConfig(_Strict):
     sum_fraction: float = Field(0.5, gt=0, le=1, description="fraction of the segment summarised")
     stage: Literal[1, 2] = Field(2, description="1: RMT + sensory memory, no recall; 2: with memory recall")
     loss_segments: Literal["all", "last"] = Field(
-        "all", description="all segments (paper) or only the last segment (official code)"
+        "all", description="CE on every segment's tokens (default: the LM objective over the whole sample) or on "
+        "the last segment only (the official code's mask, models.md §3(b))"
     )
     extract_from: Literal["previous_segment", "current_segment"] = Field(
         "previous_segment",

@@ -8,6 +8,11 @@ Used by every segment-recurrent memory model (RMT, HMT, LM2, Titans-MAC). Per se
 
 The cut is applied before the reset so the learned initial memory always receives gradient (a cut at i=0
 would zero it). Truncation depth k = -1 (or 0) means full backpropagation through all segments.
+The cut is in blocks of k segments: segment i's loss reaches back through the memory of i mod k earlier
+segments (k = 1: none). Neither reference truncates this way: LM-RMT's mem_backprop_depth keeps a sliding window
+of the last k memory states at every step of its stream, and the RMT code's k2 (babilong-release) detaches the
+memory entering every segment except the last k2 - 1, so only the last k2 segments form a gradient chain. The
+BABILong recipes train with full BPTT (k2 = -1), the default here.
 
 `segments_lm_loss` adds the LM head and cross-entropy. Where they run is a memory/speed choice, not math:
 with the per-segment checkpoint (model.segment_remat under a per-layer remat) inside each checkpointed segment,
