@@ -9,7 +9,7 @@ right after the first path component ending in "blocks" (a stacked module elsewh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import jax
@@ -63,10 +63,13 @@ def layout(abstract_params) -> list[Entry]:
     return out
 
 
-def to_flat(params, dtype=None) -> dict[str, np.ndarray]:
-    """Real params (an nnx State) -> {flat name: numpy array}, optionally cast to `dtype`."""
+def to_flat(params, dtype=None, only: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """Real params (an nnx State) -> {flat name: numpy array}, optionally cast to `dtype`; `only`: just these
+    parameter paths (dotted, unstacked ones), without copying the others to the host."""
     flat: dict[str, np.ndarray] = {}
     for keys, var in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_var)[0]:
+        if only is not None and ".".join(_path(keys)) not in only:
+            continue
         entry = layout({"x": var})[0]
         arr = np.asarray(jax.device_get(var.get_value() if _is_var(var) else var))
         if dtype is not None:

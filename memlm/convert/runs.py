@@ -57,8 +57,8 @@ def _check_destination(out: str, force: bool, what: str, source: str, markers: t
     """The output may be replaced (--force) but never be, contain or sit inside the source it is made from.
     --force replaces a directory only if it is empty or holds one of `markers` (a previous output of this kind:
     never a directory of the user's that happens to be named), and a file only if the output is a file
-    (`file_output`) and that file is a previous safetensors export. Missing parent directories are made, as
-    `memlm train` makes run.dir's."""
+    (`file_output`) and that file is a previous safetensors export. Missing parent directories are made when the
+    output is written (_tmp_sibling), as `memlm train` makes run.dir's."""
     o, src = os.path.realpath(out), os.path.realpath(source)
     if os.path.commonpath([o, src]) in (o, src):
         raise UserError(f"{out}: the output would overwrite its own source {source}; choose another path")
@@ -73,7 +73,6 @@ def _check_destination(out: str, force: bool, what: str, source: str, markers: t
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.lexists(parent) and not os.path.isdir(parent):
         raise UserError(f"{out}: parent {parent} is a file, not a directory")
-    os.makedirs(parent, exist_ok=True)
 
 
 def _is_safetensors_export(path: str) -> bool:
@@ -90,6 +89,7 @@ EXPORT_MARKERS = {"hf": ("config.json",), "params": ("_CHECKPOINT_METADATA", "_M
 
 def _tmp_sibling(out: str) -> str:
     out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
 
 
@@ -445,7 +445,7 @@ def _scaled_to_the_embedding(model_cfg, flat: dict, params) -> dict:
     if not names or "decoder.embedding" not in flat:
         return {}
     emb_std = float(np.std(np.asarray(flat["decoder.embedding"], np.float64)[: model_cfg.vocab_size]))
-    fresh = flat_lib.to_flat(params)
+    fresh = flat_lib.to_flat(params, only=names)
     out = {n: (fresh[n] * (emb_std / model_cfg.init_std)).astype(fresh[n].dtype) for n in names}
     log.info("%s drawn with the imported embedding's std %.4g", ", ".join(names), emb_std)
     return out

@@ -38,7 +38,7 @@ literally inside one forward pass, that lets block t+1 read a bank written from 
 later ones included. memlm keeps the memory causal in one of two ways:
   `bank: per_block` (default): every block t owns a bank M^(t), carried across segments ([B, n_layers, N, d]);
       block t reads its own bank as it was at the segment start and writes it at the segment's end. Memory
-      does not pass between blocks. This is the form every LM2 figure in BENCHMARKS.md was measured with.
+      does not pass between blocks. Every LM2 figure in BENCHMARKS.md but session 17's bank comparison is of it.
   `bank: shared`: one bank per sequence ([B, N, d], n_layers times smaller), the paper's chain: every block
       reads the segment-start bank M, and at the segment's end the writes run block after block,
       M_0 = M, M_{t+1} = write_t(M_t) (the write above, with its g_forget * M term applied to M_t); the next

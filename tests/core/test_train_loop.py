@@ -191,9 +191,10 @@ def test_divergence_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
-def test_lr_schedule_is_its_formula(decay):
+@pytest.mark.parametrize("warm", [8, 0])
+def test_lr_schedule_is_its_formula(decay, warm):
     """Linear warmup from 0, then cosine or linear decay to lr * min_lr_ratio at train.steps, constant after."""
-    lr, warm, steps, ratio = 2e-3, 8, 50, 0.05
+    lr, steps, ratio = 2e-3, 50, 0.05
     t = from_dict({"train": {"steps": steps, "warmup_steps": warm, "lr": lr, "min_lr_ratio": ratio,
                              "lr_decay": decay}}).train
     schedule = lr_schedule(t)
