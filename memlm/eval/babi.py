@@ -42,7 +42,8 @@ def parse_babi_lines(
     Args:
       lines: the file's lines (with or without trailing newlines). Blank lines are ignored.
       source: the file name used in error messages.
-      max_n_facts: optional BABILong ``TaskDataset`` filter: drop samples with more facts than this.
+      max_n_facts: optional BABILong ``TaskDataset`` filter: keep a sample only if its facts plus its question
+        row number at most this (upstream get_dataset_df), i.e. at most max_n_facts - 1 facts.
     Raises:
       UserError naming ``source`` and the 1-based line number for malformed lines (no numeric id, an id that
       is not 1 or previous+1, a question line without exactly ``question\\tanswer\\tids``, non-numeric or
@@ -89,7 +90,7 @@ def parse_babi_lines(
             if int(tok) not in fact_index:
                 raise UserError(f"{where}: supporting id {tok} is not an earlier statement of this story")
             refs.append(fact_index[int(tok)])
-        if max_n_facts is not None and len(facts) > max_n_facts:
+        if max_n_facts is not None and len(facts) + 1 > max_n_facts:  # upstream counts the question row too
             continue
         # Why lstrip only: the released BABILong questions keep the trailing space before the tab.
         samples.append(

@@ -12,7 +12,8 @@ Construction (upstream ``babilong_utils``: SentenceSampler + NoiseInjectionDatas
    one of the len(sentences)+1 gaps uniformly *with replacement*; the picks are sorted, so facts keep their
    order and a gap may hold several.
 3. Lengths count tokens of the given tokenizer (GPT-2 in BABILong) with 300 held back for the prompt:
-   ``len(context tokens) == L - 300`` for L > 0 ("1k" = 1024 -> 724); "0k" is the facts alone.
+   ``len(context tokens) == L - 300`` for L > 0, with upstream create_tasks' decimal lengths ("1k" = 1000 ->
+   700, "4k" = 4000 -> 3700, "1M" = 1,000,000); "0k" is the facts alone.
 4. A record is ``{input: decode(tokens).strip(), question, target}``; the question keeps its trailing space.
 
 Books come from a PG-19-layout directory (``metadata.csv`` + ``{train,validation,test}/<id>.txt``), read as
@@ -35,9 +36,9 @@ from memlm.eval.babilong_scorer import check_task
 PROMPT_RESERVE = 300  # tokens held back for the prompt (upstream create_tasks)
 LENGTHS: dict[str, int] = {
     "0k": 0,
-    **{f"{2**i}k": 2**i * 1024 for i in range(10)},
-    "1M": 1024 * 1024,
-    "10M": 10 * 1024 * 1024,
+    **{f"{2**i}k": 2**i * 1000 for i in range(10)},  # decimal, as upstream data/create_tasks.py
+    "1M": 1_000_000,
+    "10M": 10_000_000,  # not an upstream cell
 }
 FIELDS = ("input", "question", "target")
 
@@ -49,7 +50,7 @@ class TextTokenizer(Protocol):
 
 
 def parse_length(length: str | int) -> int:
-    """BABILong length name -> tokens: "0k" -> 0, "1k" -> 1024, ..., "512k", "1M" -> 2**20, "10M".
+    """BABILong length name -> tokens: "0k" -> 0, "1k" -> 1000, ..., "512k" -> 512000, "1M" -> 10**6, "10M".
 
     An int is taken as a token count. Unknown names raise UserError.
     """
@@ -262,8 +263,9 @@ def _fits(sample: dict, length: str | int, tokenizer: TextTokenizer) -> bool:
     n_ctx = context_tokens(length)
     if n_ctx == 0:
         return True
-    # upstream create_tasks: max_n_facts = (L - 300) // 8
-    if len(sample["facts"]) > n_ctx // 8:
+    # upstream create_tasks: max_n_facts = (L - 300) // 8, and get_dataset_df keeps a sample if its rows, the
+    # facts plus the question row, are <= max_n_facts: so at most max_n_facts - 1 facts
+    if len(sample["facts"]) + 1 > n_ctx // 8:
         return False
     return sum(len(tokenizer.encode(" " + f)) for f in sample["facts"]) <= n_ctx
 

@@ -13,6 +13,10 @@ len(target) + 2 positions; memlm has no [GEN] token, the prompt itself ends the 
 
 Sample separation: training samples use bAbI stories from the generator with seed ``seed`` (default 1; the
 evaluation uses ``--seed 0``) and background sentences from the PG-19 **train** split (evaluation: test).
+Different seeds do not make the stories disjoint where a task's story space is small: for qa4 (3 locations, 2
+directions) 49 of 100 seed-0 evaluation samples have the facts, question and answer of one of 5,000 seed-1
+training samples (qa1: 1 of 500, qa5: 0 of 500; session 17 audit). Their background text differs. Upstream
+shares this: its test sets are built from bAbI's train files.
 
 Pieces:
   * ``BabilongTrainCorpus``: Corpus-like (``num_docs``, ``doc(i)``, ``doc_lengths``, ``total_tokens``,

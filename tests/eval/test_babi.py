@@ -64,7 +64,11 @@ def test_parser_crlf_blank_lines_and_comma_answers():
 
 
 def test_max_n_facts_filter():
-    assert [len(x["facts"]) for x in parse_babi_text(FIXTURE, max_n_facts=2)] == [2, 2]
+    """Upstream get_dataset_df keeps a sample if its rows (facts + the question) are <= max_n_facts."""
+    assert [len(x["facts"]) for x in parse_babi_text(FIXTURE)] == [2, 4, 2]
+    assert [len(x["facts"]) for x in parse_babi_text(FIXTURE, max_n_facts=5)] == [2, 4, 2]
+    assert [len(x["facts"]) for x in parse_babi_text(FIXTURE, max_n_facts=4)] == [2, 2]
+    assert [len(x["facts"]) for x in parse_babi_text(FIXTURE, max_n_facts=2)] == []
 
 
 @pytest.mark.parametrize(

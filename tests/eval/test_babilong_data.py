@@ -91,14 +91,11 @@ SAMPLE = parse_babi_text(
 
 
 def test_parse_length():
-    assert parse_length("0k") == 0 and parse_length("1k") == 1024 and parse_length("4k") == 4096
-    assert (
-        parse_length("512k") == 512 * 1024
-        and parse_length("1M") == 2**20
-        and parse_length("10M") == 10 * 2**20
-    )
-    assert parse_length("1m") == 2**20 and parse_length(700) == 700
-    assert context_tokens("1k") == 724 and context_tokens("0k") == 0
+    # decimal, as upstream data/create_tasks.py: [0, 1000, 2000, 4000, ..., 512000, 1_000_000] - 300
+    assert parse_length("0k") == 0 and parse_length("1k") == 1000 and parse_length("4k") == 4000
+    assert parse_length("512k") == 512_000 and parse_length("1M") == 10**6 and parse_length("10M") == 10**7
+    assert parse_length("1m") == 10**6 and parse_length(700) == 700
+    assert context_tokens("1k") == 700 and context_tokens("4k") == 3700 and context_tokens("0k") == 0
     for bad in ("3k", "1G", "", "k", "-1k"):
         with pytest.raises(UserError, match="length"):
             parse_length(bad)
@@ -213,7 +210,7 @@ def test_build_dataset_reproducible(books):
     assert a != build_dataset("qa2", "1k", 4, books, BYTES, seed=6)
     assert len(a) == 4 and all(set(r) == {"input", "question", "target"} for r in a)
     assert all(r["question"].endswith("? ") and r["target"] in TASK_LABELS["qa2"] for r in a)
-    assert all(len(BYTES.encode(r["input"])) <= 724 for r in a)
+    assert all(len(BYTES.encode(r["input"])) <= 700 for r in a)
     z = build_dataset("qa1", "0k", 3, None, BYTES, seed=0)  # 0k needs no books
     for r in z:  # facts only: every sentence is a bAbI qa1 move
         assert all(
@@ -387,3 +384,15 @@ def test_gpt2_exact_length(gpt2, books):
         assert abs(len(gpt2.encode(text)) - len(built.input_tokens)) <= 8
     recs = build_dataset("qa1", "1k", 3, books, gpt2, seed=0)
     assert recs == build_dataset("qa1", "1k", 3, books, gpt2, seed=0)
+
+
+def test_fact_count_filter_matches_upstream():
+    """create_tasks: max_n_facts = (L - 300) // 8; get_dataset_df keeps rows (facts + question) <= max_n_facts."""
+    from memlm.eval.babilong_data import _fits
+
+    length = 300 + 8 * 3  # 24 context tokens, max_n_facts 3: at most 2 facts
+    two = {"facts": ["a.", "b."]}
+    assert _fits(two, length, BYTES)
+    three = {"facts": ["a.", "b.", "c."]}  # 9 byte tokens: the token budget allows it, the count does not
+    assert sum(len(BYTES.encode(" " + f)) for f in three["facts"]) <= 24
+    assert not _fits(three, length, BYTES)
