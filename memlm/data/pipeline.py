@@ -16,6 +16,21 @@ def get_tokenizer(data_cfg):
     return load_tokenizer(data_cfg.tokenizer, data_cfg.tokenizer_path)
 
 
+def _babilong_cache_dir(d, split: str, seed: int, books_split: str, length_tokenizer) -> str:
+    """Where generated BABILong training cells are cached: one directory per everything that decides their
+    content (generator version, seed, samples per cell, books, length tokenizer), so changing any of them
+    generates anew instead of reusing other samples."""
+    import hashlib
+    import json
+
+    from memlm.data.tokenizers import fingerprint_of
+    from memlm.eval.babilong_data import GENERATOR_VERSION
+
+    key = hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, d.babilong.samples_per_cell, os.path.abspath(d.path),
+                                     books_split, fingerprint_of(length_tokenizer)]).encode()).hexdigest()[:16]
+    return os.path.join(d.cache_dir or os.path.join(d.path, ".memlm_cache"), f"babilong-{split}-{key}")
+
+
 def get_corpus(cfg, split: str, tokenizer):
     """The tokenized corpus for `split` of the configured source."""
     d = cfg.data
@@ -57,11 +72,10 @@ def get_corpus(cfg, split: str, tokenizer):
                 "data.babilong.gpt2_tokenizer is not set: sample lengths (%s) count %s tokens, not GPT-2 tokens as "
                 "BABILong's do", ", ".join(d.babilong.lengths), tokenizer.name)
         b = d.babilong
+        seed, books_split = b.seed + (0 if split == "train" else 1000), "train" if split == "train" else "validation"
         return build_train_corpus(b.tasks, b.lengths, b.samples_per_cell, d.path, tokenizer, length_tok,
-                                  seed=b.seed + (0 if split == "train" else 1000),
-                                  books_split="train" if split == "train" else "validation",
-                                  cache_dir=os.path.join(d.cache_dir or os.path.join(d.path, ".memlm_cache"),
-                                                         f"babilong-{split}"))
+                                  seed=seed, books_split=books_split,
+                                  cache_dir=_babilong_cache_dir(d, split, seed, books_split, length_tok or tokenizer))
     from memlm.data.corpus import load_corpus
 
     if not os.path.isdir(d.path):

@@ -34,6 +34,9 @@ from memlm.eval.babi import generate_task, parse_babi_text, read_babi_file
 from memlm.eval.babilong_scorer import check_task
 
 PROMPT_RESERVE = 300  # tokens held back for the prompt (upstream create_tasks)
+# Bumped whenever generated samples change for the same inputs (2: decimal lengths and upstream's fact count), so
+# caches keyed by it (memlm.data.pipeline) are not reused across versions.
+GENERATOR_VERSION = 2
 LENGTHS: dict[str, int] = {
     "0k": 0,
     **{f"{2**i}k": 2**i * 1000 for i in range(10)},  # decimal, as upstream data/create_tasks.py

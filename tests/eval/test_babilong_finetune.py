@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,26 @@ def test_corpus_and_batches(corpus):
 def test_empty_corpus_is_a_user_error():
     with pytest.raises(UserError, match="no samples"):
         BabilongTrainCorpus([], TOK)
+
+
+def test_the_training_cache_never_serves_other_samples(tmp_path):
+    """data.source=babilong caches generated cells under data.path; a changed seed or samples_per_cell
+    generates anew (the cache used to be keyed by task and length only), the same config reuses its cells."""
+    from memlm.config import from_dict
+    from memlm.data.pipeline import get_corpus
+
+    write_pg19_tree(tmp_path, {"train": [1, 2], "validation": [3], "test": [4]}, n_lines=60)
+
+    def corpus(**babilong):
+        cfg = from_dict({"data": {"source": "babilong", "path": str(tmp_path),
+                                  "babilong": {"tasks": ["qa1"], "lengths": ["0k"], **babilong}}})
+        return get_corpus(cfg, "train", TOK)
+
+    first = corpus(samples_per_cell=2, seed=1)
+    assert first.num_docs == 2
+    assert corpus(samples_per_cell=3, seed=1).num_docs == 3
+    other_seed = corpus(samples_per_cell=2, seed=2)
+    assert [other_seed.doc(i).tolist() for i in range(2)] != [first.doc(i).tolist() for i in range(2)]
+    again = corpus(samples_per_cell=2, seed=1)
+    assert [again.doc(i).tolist() for i in range(2)] == [first.doc(i).tolist() for i in range(2)]
+    assert len(os.listdir(tmp_path / ".memlm_cache")) == 3  # one directory per distinct generation
