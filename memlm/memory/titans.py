@@ -30,6 +30,9 @@ Positions: RoPE with segment-local positions (relative, so equal to absolute one
 `positions` are not used, so any stream length works. arch=gpt2 (an imported GPT-2 backbone): no RoPE; the
 learned table wpe is added to the token embeddings at segment-local positions 0..L-1 (as RMT feeds GPT-2
 segments), so streams are not limited to max_seq_len; LayerNorm with bias and the GELU FFN come with the arch.
+For MAG / MAL that is an approximation at segment starts: the sliding window reaches into the previous segment,
+whose carried keys hold positions up to L-1, so the first tokens of a segment see keys labelled with later
+positions than their own (RoPE backbones have no such effect).
 """
 
 from __future__ import annotations

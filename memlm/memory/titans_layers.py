@@ -2,7 +2,8 @@
 MAC / MAG / MAL decoder layers. The model (carry, segments, registration) is in memlm/memory/titans.py.
 
 NeuralMemory (§3.1, §4.4), per layer, H = titans.memory_heads heads of width d_h = d_model / H:
-    q, k, v = SiLU(DepthwiseCausalConv(x W_{Q,K,V}))           (projection, conv, SiLU; §4.4)
+    q, k, v = SiLU(DepthwiseCausalConv(x W_{Q,K,V}))           (projection, conv, SiLU; §4.4's depthwise-
+                                                                separable conv: W is the pointwise part)
     q, k    = q / ||q||, k / ||k||                             (l2 per head; §4.4)
     theta_t = max_lr * sigmoid(x_t w_theta), eta_t = sigmoid(x_t w_eta), alpha_t = sigmoid(x_t w_alpha)
     loss(M; x_t) = ||M(k_t) - v_t||^2                           (eq. 12)
@@ -20,8 +21,12 @@ constant per chunk (the paper's LTI case).
 Persistent memory (§3.3): N_p learned vectors per layer, in the space of the attention input, prepended as
 keys/values visible to every query. They are position-free (no RoPE on the persistent scores: q . k_p with
 the un-rotated q), so a token sees them the same way whatever its position, which keeps streaming equal to
-the full-sequence forward. (The paper also feeds P through the memory at the sequence start; writing N_p
-fixed learned tokens into a learned M_0 is absorbed by learning M_0 itself, so we do not do it.)
+the full-sequence forward. Departures from the paper, not flags yet:
+  * The paper also feeds P through the memory at the sequence start (x~ = [P || x], eq. 26 / 29). memlm does
+    not: P's write into M is learnable through M_0, but the momentum and the conv tails it would leave behind
+    start at zero instead.
+  * MAL (eq. 29-31) attends with plain sliding-window attention, so P reaches attention only through the
+    memory and inside the first window; memlm gives MAL the same persistent prefix as MAG (every query sees P).
 
 Every block is residual; each memory output passes a learnable norm and a gate before an output projection
 (§4.4 "normalization and gating with a linear layer before the final output projection").
