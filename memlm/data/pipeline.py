@@ -20,14 +20,12 @@ def _babilong_cache_dir(d, split: str, seed: int, books_split: str, length_token
     """Where generated BABILong training cells are cached: one directory per everything that decides their
     content (generator version, seed, samples per cell, books, length tokenizer), so changing any of them
     generates anew instead of reusing other samples."""
-    import hashlib
-    import json
-
+    from memlm.data.corpus import _digest  # the corpus cache's key: the same hashing for the same purpose
     from memlm.data.tokenizers import fingerprint_of
     from memlm.eval.babilong_data import GENERATOR_VERSION
 
-    key = hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, d.babilong.samples_per_cell, os.path.abspath(d.path),
-                                     books_split, fingerprint_of(length_tokenizer)]).encode()).hexdigest()[:16]
+    key = _digest([GENERATOR_VERSION, seed, d.babilong.samples_per_cell, os.path.abspath(d.path), books_split,
+                   fingerprint_of(length_tokenizer)])
     return os.path.join(d.cache_dir or os.path.join(d.path, ".memlm_cache"), f"babilong-{split}-{key}")
 
 
