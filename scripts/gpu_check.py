@@ -445,6 +445,7 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
     if width == "d512_4k":  # the paper's 4K context (8 segments of 512), the same tokens per step as d512
         keep = ("baseline", "baseline_full_attention", "baseline_full_attention_qb512", "titans_mag_c64_unroll8",
                 "titans_mag_c64_unroll8_rolled", "titans_mag_c64_unroll8_rolled_no_chunk_ckpt",
+                "titans_mag_c64_unroll8_rolled_w512",
                 "titans_mag_c64_unroll8_parallel_retrieval",
                 "titans_mag_c64_unroll8_rolled_parallel_retrieval",
                 "titans_mag_c64_unroll8_pipelined_parallel_retrieval",
@@ -488,6 +489,11 @@ def compare_configs(width: str) -> list[tuple[str, str, str]]:
                  # (32.1 -> 14.8 s at d512_4k), at the cost of a while loop over segments on the GPU
                  ("titans_mag_c64_unroll8_rolled", TINY + "titans_mag.yaml",
                   "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.segment_unroll=false"),
+                 # the paper configs' attention: a window of 512 (1,039 keys per query with 16 persistent
+                 # tokens, against 579 at the tiny config's window of 64 and 4 persistent tokens; session 18)
+                 ("titans_mag_c64_unroll8_rolled_w512", TINY + "titans_mag.yaml",
+                  "model.titans.chunk_size=64;model.titans.scan_unroll=8;model.segment_unroll=false;"
+                  "model.titans.window=512;model.titans.num_persistent=16"),
                  # the chunk loop carries only the memory state; the retrievals (8 of a depth-2 chunk step's 15
                  # matmuls) run after it for all chunks at once (session 15; equal values, tested)
                  ("titans_mag_c64_unroll8_parallel_retrieval", TINY + "titans_mag.yaml",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The Titans-MAG timing plan for a lent GPU (BENCHMARKS.md "Titans", session 15), as one command: three
-# model_compare runs, each its own process under its own share of the time left, every row printed and saved as it
-# lowers, compiles and times ($OUT_DIR/<step>.partial.json), compiled steps shared through one JAX cache.
+# The Titans-MAG timing plan for a lent GPU (BENCHMARKS.md "Titans", session 15; run in session 18, "GPU (H200)"):
+# three model_compare runs, each its own process under its own share of the time left, every row printed and saved
+# as it lowers, compiles and times ($OUT_DIR/<step>.partial.json), compiled steps shared through one JAX cache.
 #
 #   bash scripts/gpu_titans_plan.sh OUT_DIR [TOTAL_SECONDS] [extra gpu_check.py args, e.g. --smoke]
 set -u
