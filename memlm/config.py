@@ -141,6 +141,12 @@ class TitansConfig(_Strict):
     num_persistent: int = Field(4, ge=0, description="N_p learned persistent memory tokens")
     num_longterm: int = Field(0, ge=0, description="MAC: 0 = one retrieved token per segment token (the paper); "
                               "N > 0 = N learned queries retrieved from the memory, visible to the whole segment")
+    persistent_write: bool = Field(
+        False, description="MAG/MAL: the paper's x~ = [P || x] (eq. 26 / 29): at every document start each layer's "
+        "N_p persistent tokens go through its memory first (token by token: momentum, conv tails and M start where "
+        "P left them), and MAL's attention sees P only as the first window's positions (the memory layer's "
+        "outputs for P), not as a prefix. false (default, the form every benchmark used): P is a prefix of "
+        "every query's attention and the memory starts at M_0 with zero momentum")
     window: int = Field(64, ge=1, description="MAG/MAL sliding-window attention size")
     max_lr: float = Field(0.1, gt=0, description="bound on the inner learning rate theta (theta = max_lr * "
                           "sigmoid). Stability: inside a chunk all gradients use the chunk-start weights, so for "

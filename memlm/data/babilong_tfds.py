@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 # seqio, tensorflow and tfds come through seqio_tasks, which imports tensorflow with its native notices silenced
-from memlm.data.seqio_tasks import LocalTfdsDataSource, TokenizerVocabulary, seqio, tf, tfds
+from memlm.data.seqio_tasks import LocalTfdsDataSource, TokenizerVocabulary, seqio, tf, tfds, tfds_prepare_lock
 from memlm.data.tokenizers import Tokenizer, fingerprint_of
 from memlm.errors import UserError
 from memlm.eval.babilong_data import LENGTHS, load_babilong_dir, parse_length
@@ -183,26 +183,28 @@ def prepare_babilong(
         if t not in cells:
             raise UserError(f"{root}: no BABILong data for {t} (the directory has {', '.join(cells)})")
     out: dict[str, dict[str, int]] = {}
+    tfds_root = os.path.abspath(os.fspath(tfds_data_dir))
     for task in tasks or list(cells):
         name = f"{BABILONG_TFDS_NAME}/{task}:{BABILONG_TFDS_VERSION}"
-        builder = tfds.builder(name, data_dir=os.path.abspath(os.fspath(tfds_data_dir)))
-        if builder.is_prepared():
-            src = builder.info.metadata.get("source_dir") if builder.info.metadata else None
-            if src != root:
-                raise UserError(
-                    f"{builder.data_dir}: {BABILONG_TFDS_NAME}/{task} was prepared from {src}, not {root}; "
-                    "use another TFDS directory"
+        with tfds_prepare_lock(tfds_root):  # one preparing process at a time (seqio_tasks.tfds_prepare_lock)
+            builder = tfds.builder(name, data_dir=tfds_root)
+            if builder.is_prepared():
+                src = builder.info.metadata.get("source_dir") if builder.info.metadata else None
+                if src != root:
+                    raise UserError(
+                        f"{builder.data_dir}: {BABILONG_TFDS_NAME}/{task} was prepared from {src}, not {root}; "
+                        "use another TFDS directory"
+                    )
+                if builder.info.metadata.get("source_fingerprint") != source_fingerprint(root):
+                    raise UserError(f"{root}: its files changed since {BABILONG_TFDS_NAME}/{task} was prepared "
+                                    f"into {builder.data_dir}; delete that directory or use another TFDS directory")
+            # TFDS prints its "Downloading and preparing" banner to stdout; keep stdout for results.
+            with contextlib.redirect_stdout(sys.stderr):
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(
+                        manual_dir=root, compute_stats=tfds.download.ComputeStatsMode.SKIP
+                    )
                 )
-            if builder.info.metadata.get("source_fingerprint") != source_fingerprint(root):
-                raise UserError(f"{root}: its files changed since {BABILONG_TFDS_NAME}/{task} was prepared into "
-                                f"{builder.data_dir}; delete that directory or use another TFDS directory")
-        # TFDS prints its "Downloading and preparing" banner to stdout; keep stdout for results.
-        with contextlib.redirect_stdout(sys.stderr):
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    manual_dir=root, compute_stats=tfds.download.ComputeStatsMode.SKIP
-                )
-            )
         out[task] = {s: builder.info.splits[s].num_examples for s in cells[task]}
     return out
 

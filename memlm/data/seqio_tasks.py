@@ -12,6 +12,7 @@ So `seqio.get_dataset(task_name(...), ...)` works too, e.g. with a packing featu
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -234,18 +235,37 @@ def register_task(source: str, path: str, tokenizer: Tokenizer, tfds_data_dir: s
     return name
 
 
+PREPARE_LOCK = ".memlm-prepare.lock"
+
+
+@contextlib.contextmanager
+def tfds_prepare_lock(tfds_data_dir: str) -> Iterator[None]:
+    """One process at a time prepares into a TFDS directory. TFDS writes a config into `incomplete.*` and renames
+    it into place; a second process preparing the same config at once (two `memlm train` runs started together
+    on fresh data) failed that rename. An advisory flock on <tfds_data_dir>/.memlm-prepare.lock: whoever waited
+    then finds the config prepared and only reads it."""
+    os.makedirs(tfds_data_dir, exist_ok=True)
+    with open(os.path.join(tfds_data_dir, PREPARE_LOCK), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare_pg19(path: str, split: str, tfds_data_dir: str) -> None:
     """Generate `local_pg19/<split>` from the local PG-19 tree `path` into tfds_data_dir (no-op if done)."""
     from memlm.data.local_pg19 import local_pg19_dataset_builder  # noqa: F401  (registers the builder)
 
-    builder = tfds.builder(f"{PG19_TFDS_NAME}/{split}:{PG19_TFDS_VERSION}", data_dir=tfds_data_dir)
-    # TFDS prints its "Downloading and preparing" banner to stdout; keep stdout for results.
-    with contextlib.redirect_stdout(sys.stderr):
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=os.path.abspath(path), compute_stats=tfds.download.ComputeStatsMode.SKIP
+    with tfds_prepare_lock(tfds_data_dir):  # the builder is made inside: it sees what a waited-for process wrote
+        builder = tfds.builder(f"{PG19_TFDS_NAME}/{split}:{PG19_TFDS_VERSION}", data_dir=tfds_data_dir)
+        # TFDS prints its "Downloading and preparing" banner to stdout; keep stdout for results.
+        with contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    manual_dir=os.path.abspath(path), compute_stats=tfds.download.ComputeStatsMode.SKIP
+                )
             )
-        )
 
 
 def iter_documents(

@@ -9,6 +9,8 @@ Carry (per sequence, leading dim = batch; reinstated from init_carry at document
     mem_w   {"w0", ...}: memory weights, float32 [B, n_mem_layers, H, d_in, d_out]; M_0 is learned (a
             parameter broadcast over the batch), so the outer loss reaches it through every segment
     mem_s   momentum S ("surprise"), same shapes, zero at a document start
+            (with titans.persistent_write, MAG / MAL: all of the carry starts where each layer's persistent
+            tokens left it, x~ = [P || x] of eq. 26 / 29; MAL's KV tail then ends with P's keys/values)
     conv    depthwise-conv tails of the q/k/v streams, [B, n_mem_layers, K-1, d] (K = titans.conv_kernel)
     kv_k, kv_v, seen   (MAG, MAL) pre-RoPE keys/values of the last W-1 tokens [B, n_layers, W-1, kvh, hd]
             and how many of them belong to the current document [B] (W = titans.window)
@@ -65,6 +67,10 @@ def _check(cfg) -> list[int]:
         raise UserError(f"model.titans.memory_layers {bad} out of range for model.n_layers={cfg.n_layers}")
     if tc.memory_layers is not None and len(layers) != len(tc.memory_layers):
         raise UserError(f"model.titans.memory_layers {tc.memory_layers} lists a layer twice")
+    if tc.persistent_write and (tc.variant == "mac" or not tc.num_persistent):
+        raise UserError("model.titans.persistent_write needs variant mag or mal (MAC's persistent tokens are part "
+                        f"of every segment's attention, eq. 21) and num_persistent > 0; got variant={tc.variant}, "
+                        f"num_persistent={tc.num_persistent}")
     if tc.pipeline_layers and 0 < len(layers) < cfg.n_layers:
         raise UserError(f"model.titans.pipeline_layers needs every layer to have a memory or none; "
                         f"memory_layers is {tc.memory_layers} of {cfg.n_layers} layers")
@@ -168,7 +174,37 @@ class Titans(nnx.Module):
             carry["mem_s"] = {k: jnp.zeros(v.shape, jnp.float32) for k, v in w.items()}
             n_mem, K = len(self.mem_layers), tc.conv_kernel
             carry["conv"] = {s: jnp.zeros((batch, n_mem, K - 1, cfg.d_model), cdt) for s in self._conv_streams()}
+        if tc.persistent_write:
+            carry.update(self._persistent_carry(batch, carry))
         return carry
+
+    def _persistent_carry(self, batch: int, carry: dict) -> dict:
+        """titans.persistent_write: the carry entries after every layer's persistent tokens (eq. 26 / 29), from
+        TitansBlock.persistent_state of each stack (vmapped over its layers), broadcast over the batch."""
+        def per_layer(blocks) -> dict:  # leaves [n_stack, 1, ...]
+            graphdef, stacked = nnx.split(blocks)
+            return jax.vmap(lambda st: nnx.merge(graphdef, st).persistent_state())(stacked)
+
+        rows = lambda a, dt: jnp.broadcast_to(jnp.swapaxes(a, 0, 1), (batch,) + a.shape[:1] + a.shape[2:]).astype(dt)
+        stacks = {"blocks": per_layer(self.decoder.blocks) if self.mem_layers else None,
+                  "plain_blocks": per_layer(self.decoder.plain_blocks) if len(self.mem_layers) < self.cfg.n_layers
+                  else None}
+        new = {}
+        if self.mem_layers:
+            mem = stacks["blocks"]["mem"]
+            new["mem_w"] = {f"w{i}": rows(w, jnp.float32) for i, w in enumerate(mem["w"])}
+            new["mem_s"] = {f"w{i}": rows(s, jnp.float32) for i, s in enumerate(mem["s"])}
+            new["conv"] = {n: rows(mem["conv"][n], c.dtype) for n, c in carry["conv"].items()}
+        if self.cfg.titans.variant == "mal" and self.n_tail:  # P's keys/values end the KV tail (the first window)
+            n_p, n = self.cfg.titans.num_persistent, self.n_tail
+            m = min(n_p, n)
+            for i, name in enumerate(("kv_k", "kv_v")):
+                kv = jnp.stack([stacks[stack]["kv"][i][j] for stack, j in _slots(self.cfg).values()])
+                tail = jnp.zeros(kv.shape[:2] + (n,) + kv.shape[3:], kv.dtype)
+                tail = tail.at[:, :, n - m :].set(kv[:, :, n_p - m :])
+                new[name] = rows(tail, carry[name].dtype)
+            new["seen"] = jnp.full((batch,), m, jnp.int32)
+        return new
 
     def carry_axes(self) -> dict:
         axes = {}

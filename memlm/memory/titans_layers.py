@@ -21,12 +21,13 @@ constant per chunk (the paper's LTI case).
 Persistent memory (§3.3): N_p learned vectors per layer, in the space of the attention input, prepended as
 keys/values visible to every query. They are position-free (no RoPE on the persistent scores: q . k_p with
 the un-rotated q), so a token sees them the same way whatever its position, which keeps streaming equal to
-the full-sequence forward. Departures from the paper, not flags yet:
-  * The paper also feeds P through the memory at the sequence start (x~ = [P || x], eq. 26 / 29). memlm does
-    not: P's write into M is learnable through M_0, but the momentum and the conv tails it would leave behind
-    start at zero instead.
-  * MAL (eq. 29-31) attends with plain sliding-window attention, so P reaches attention only through the
-    memory and inside the first window; memlm gives MAL the same persistent prefix as MAG (every query sees P).
+the full-sequence forward. The paper also feeds P through the memory at the sequence start (x~ = [P || x],
+eq. 26 / 29), and MAL (eq. 29-31) attends with plain sliding-window attention, so there P reaches attention only
+through the memory layer's outputs inside the first window. `titans.persistent_write: true` does both for MAG /
+MAL (TitansBlock.persistent_state, run by Titans.init_carry at every document start); the default (false, the
+form every benchmark used) keeps P out of the memory (its write is learnable through M_0, but momentum and conv
+tails start at zero) and gives MAL the same persistent prefix as MAG. P stays per layer either way (the paper
+prepends it once, to the sequence).
 
 Every block is residual; each memory output passes a learnable norm and a gate before an output projection
 (§4.4 "normalization and gating with a linear layer before the final output projection").
@@ -116,13 +117,14 @@ class NeuralMemory(nnx.Module):
         z = jax.nn.silu(z).reshape(x.shape[:2] + (self.H, self.dh))
         return (l2_normalize(z) if normalize else z), tail
 
-    def gate_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Data-dependent theta (<= max_lr), eta, alpha from x [B, T, d]: each float32 [B, T, H]."""
+    def gate_values(self, x: jax.Array, chunk_size: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Data-dependent theta (<= max_lr), eta, alpha from x [B, T, d]: each float32 [B, T, H]. chunk_size:
+        the chunks of per_chunk gates (default titans.chunk_size)."""
         tc = self.cfg.titans
         g = jax.nn.sigmoid(self.gates(x.astype(jnp.float32)))
-        if tc.gates == "per_chunk":  # the chunk's first token decides for the chunk (causal, see module doc)
+        c = chunk_size or tc.chunk_size
+        if tc.gates == "per_chunk" and c > 1:  # the chunk's first token decides for the chunk (see module doc)
             b, t, n = g.shape
-            c = tc.chunk_size
             g = jnp.broadcast_to(g.reshape(b, t // c, c, n)[:, :, :1], (b, t // c, c, n)).reshape(b, t, n)
         H = self.H
         return tc.max_lr * g[..., :H], g[..., H : 2 * H], g[..., 2 * H :]
@@ -137,8 +139,9 @@ class NeuralMemory(nnx.Module):
                 h = jax.nn.silu(h)
         return h
 
-    def write_read(self, weights, momentum, q, k, v, theta, eta, alpha, after: bool):
-        """One segment of updates and reads with the chunked kernel.
+    def write_read(self, weights, momentum, q, k, v, theta, eta, alpha, after: bool, chunk_size: int | None = None):
+        """One segment of updates and reads with the chunked kernel (chunk_size: default titans.chunk_size; 1 =
+        the token-by-token rule, on the XLA path).
 
         weights, momentum: tuples of [B, H, d_in, d_out]; q, k, v [B, T, H, d_h]; gates [B, T, H].
         Token t reads M_t (after=True) or M_{t-1} (after=False). Returns (y f32 [B, T, H, d_h], weights', momentum').
@@ -146,9 +149,9 @@ class NeuralMemory(nnx.Module):
         b, t, H, dh = q.shape
         seq = lambda x: jnp.swapaxes(x, 1, 2).reshape((b * H, t) + x.shape[3:])   # heads into the batch
         par = lambda ws: tuple(w.reshape((b * H,) + w.shape[2:]) for w in ws)
-        impl = self.cfg.titans.implementation
+        impl = "xla" if chunk_size == 1 else self.cfg.titans.implementation
         y, w1, s1 = chunked_memory(seq(q), seq(k), seq(v), seq(theta), seq(eta), seq(alpha), par(weights),
-                                   par(momentum), chunk_size=self.cfg.titans.chunk_size,
+                                   par(momentum), chunk_size=chunk_size or self.cfg.titans.chunk_size,
                                    retrieve_after_update=after, implementation=None if impl == "auto" else impl,
                                    grad_clip=self.cfg.titans.inner_grad_clip, unroll=self.cfg.titans.scan_unroll,
                                    remat=self.cfg.titans.chunk_remat,
@@ -215,7 +218,8 @@ class TitansBlock(nnx.Module):
     MAG (§4.2): y = SWA*([P ; e]) (window W, KV tail carried); m_j = M_{j-1}(q(e_j)) (read before writing j);
         x += W_O(norm(y) * sigmoid(norm(m))); FFN.
     MAL (§4.3): memory layer then SWA: m_j = M_{j-1}(q(e'_j)), e' = norm(x);
-        x += W_O(norm(m) * sigmoid(e' W_g));  x += SWA*([P ; norm(x)]);  FFN.
+        x += W_O(norm(m) * sigmoid(e' W_g));  x += SWA*([P ; norm(x)]);  FFN. With titans.persistent_write the
+        attention is plain SWA (no P prefix) and P sits in the KV tail at a document start (persistent_state).
     """
 
     def __init__(self, cfg, rngs: nnx.Rngs, memory: bool = True):
@@ -227,6 +231,8 @@ class TitansBlock(nnx.Module):
         self.mlp_norm = make_norm(cfg, rngs)
         self.mlp = make_mlp(cfg, rngs)
         self.n_p, self.n_l = tc.num_persistent, tc.num_longterm
+        # titans.persistent_write under MAL: P reaches attention through the KV tail at a document start only
+        self.p_in_window = tc.persistent_write and self.variant == "mal"
         if self.n_p:
             self.persistent = nnx.Param(jax.random.normal(rngs.params(), (self.n_p, d)).astype(
                 jnp.dtype(cfg.param_dtype)), sharding=("mem_slots", "embed"))
@@ -268,7 +274,7 @@ class TitansBlock(nnx.Module):
             qr = apply_rope(q, ctx.q_pos, cfg.rope_theta)
             kr = apply_rope(k, ctx.kv_pos, cfg.rope_theta)
         qr = constrain(qr, ("batch", "act_seq", "act_heads", None))
-        if self.n_p:
+        if self.n_p and not self.p_in_window:
             p = self.persistent[...].astype(xq.dtype)
             kp = a.wk(p).reshape(self.n_p, cfg.kv_heads, cfg.hd)
             vp = a.wv(p).reshape(self.n_p, cfg.kv_heads, cfg.hd)
@@ -290,6 +296,42 @@ class TitansBlock(nnx.Module):
         m, w, s = nm.write_read(mem["w"], mem["s"], q, k, v, theta, eta, alpha, after)
         new = {"w": w, "s": s, "conv": {n: t for n, t in conv.items() if t is not None}}
         return m.reshape(x_q.shape[:2] + (-1,)), new, memory_stats(theta, eta, alpha, w, s)
+
+    # ---- document start ----------------------------------------------------------------------------------
+    def persistent_state(self) -> dict:
+        """titans.persistent_write (the paper's x~ = [P || x], eq. 26 / 29): this layer's state after its N_p
+        persistent tokens, batch 1, for Titans.init_carry.
+
+        MAG: P (attention-input space, as in the prefix) goes through the memory from (M_0, S = 0, zero conv
+        tails), token by token (P rarely fills whole chunks; chunk 1 is the update rule itself, eq. 13-14).
+        MAL: P is the layer's input at N_p positions before the document: e_m = norm(P) goes through the memory
+        the same way, x_P = P + W_O(norm(m_P) * sigmoid(e_m W_g)), and the keys/values of norm(x_P) are what
+        the sliding window sees of P. Returns {"mem": {"w", "s", "conv"}} (memory layers) and, for MAL,
+        {"kv": (k, v) pre-RoPE [1, N_p, kvh, hd]}.
+        """
+        cfg, tc = self.cfg, self.cfg.titans
+        p = self.persistent[...].astype(jnp.dtype(cfg.dtype))[None]  # [1, N_p, d]
+        out, x = {}, p
+        if self.has_memory:
+            nm = self.memory
+            e_m = self.mem_norm(p) if self.variant == "mal" else p
+            tail = jnp.zeros((1, tc.conv_kernel - 1, cfg.d_model), p.dtype) if tc.conv_kernel > 1 else None
+            q, tq = nm.project(e_m, "q", tail, True)
+            k, tk = nm.project(e_m, "k", tail, True)
+            v, tv = nm.project(e_m, "v", tail, tc.normalize_values)
+            w0 = tuple(m[None].astype(jnp.float32) for m in nm.m0())
+            m, w, s = nm.write_read(w0, tuple(jnp.zeros_like(a) for a in w0), q, k, v, *nm.gate_values(e_m, 1),
+                                    after=False, chunk_size=1)
+            conv = {} if tail is None else {"q": tq, "k": tk, "v": tv}
+            out["mem"] = {"w": w, "s": s, "conv": conv}
+            if self.variant == "mal":
+                m = m.reshape(p.shape).astype(p.dtype)
+                x = p + self.w_out(self.norm_m(m) * jax.nn.sigmoid(self.w_gate(e_m)))
+        if self.variant == "mal":
+            e, a = self.attn_norm(x), self.attn
+            out["kv"] = (a.wk(e).reshape(1, self.n_p, cfg.kv_heads, cfg.hd),
+                         a.wv(e).reshape(1, self.n_p, cfg.kv_heads, cfg.hd))
+        return out
 
     # ---- forward -----------------------------------------------------------------------------------------
     def __call__(self, x: jax.Array, ctx: dict, lc: dict) -> tuple[jax.Array, dict, dict]:

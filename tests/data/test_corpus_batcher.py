@@ -461,3 +461,39 @@ def test_cli_stats(tmp_path, capsys):
     assert lines["tokens"].split()[0] == str(n_bytes + 2)
     assert lines["words"].split()[0] == str(sum(len(t.split()) for t in texts.values()))
     assert Path(tmp_path / "pg").is_dir()
+
+
+@pytest.mark.integration
+def test_tfds_prepare_runs_under_the_directory_lock(tmp_path, monkeypatch):
+    """prepare_pg19 makes and prepares its TFDS builder holding seqio_tasks.tfds_prepare_lock: two `memlm train`
+    runs started together on fresh books once raced on TFDS's rename of `incomplete.*` and one crashed. Here a
+    probe through another open file cannot take the lock while the (stand-in) builder is made and prepares."""
+    import fcntl
+
+    from memlm.data import seqio_tasks
+
+    tfds_dir = tmp_path / "tfds"
+
+    def locked() -> bool:
+        with open(tfds_dir / seqio_tasks.PREPARE_LOCK, "a") as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            return False
+
+    seen = []
+
+    class StandInBuilder:
+        def __init__(self, name, data_dir):
+            assert data_dir == str(tfds_dir)
+            seen.append(("made", locked()))
+
+        def download_and_prepare(self, download_config):
+            seen.append(("prepared", locked()))
+
+    monkeypatch.setattr(seqio_tasks.tfds, "builder", StandInBuilder)
+    seqio_tasks.prepare_pg19(str(tmp_path / "pg"), "train", str(tfds_dir))
+    assert seen == [("made", True), ("prepared", True)]
+    assert not locked()  # released

@@ -142,10 +142,13 @@ def test_memory_module_matches_the_paper_equations(after, clip):
 # ---------------------------------------------------------------------------------------------- causality
 # MAL runs with per-chunk gates, and the MAC variant with 3 learned long-term queries, per-chunk gates and memory
 # in layer 1 only (layer 0 is the same layer without memory). mag_clip: MAG with the two options that are not in
-# the paper, inner gradient clipping and the chunk loop unrolled 2 chunks per iteration.
+# the paper, inner gradient clipping and the chunk loop unrolled 2 chunks per iteration. *_pw: P through the
+# memory at the document start (eq. 26 / 29).
 CASES = {"mac": {}, "mag": {}, "mal": {"gates": "per_chunk"},
          "mac_lt": {"num_longterm": 3, "gates": "per_chunk", "memory_layers": (1,)},
-         "mag_clip": {"inner_grad_clip": 0.5, "scan_unroll": 2}}
+         "mag_clip": {"inner_grad_clip": 0.5, "scan_unroll": 2},
+         # titans.persistent_write: the carry starts where P left it (tests/memory/test_titans_persistent.py)
+         "mag_pw": {"persistent_write": True}, "mal_pw": {"persistent_write": True, "gates": "per_chunk"}}
 
 
 def case(name: str) -> Jitted:
@@ -189,7 +192,7 @@ def test_first_segment_reaches_last_segment_only_through_memory(name, memory_on)
 
 
 # ---------------------------------------------------------------------------------------------- streaming
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "mal_pw"])
 def test_streaming_equals_training_forward(variant):
     m = case(variant)
     batch = make_batch(m.cfg, seed=3)
@@ -201,7 +204,7 @@ def test_streaming_equals_training_forward(variant):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["mag", "mal", "mag_clip"])
+@pytest.mark.parametrize("variant", ["mag", "mal", "mag_clip", "mag_pw", "mal_pw"])
 def test_streaming_carry_equals_one_pass_over_the_whole_sequence(variant):
     """8-token segments with the carried memory, conv tails and KV tail == one 32-token segment."""
     m = case(variant)
@@ -396,6 +399,7 @@ def _loss_and_grads(variant: str, pipeline: bool, remat: str, titans: dict, n_la
     ("mac", "dots", {"num_longterm": 3}, {}),
     ("mag", "none", {"memory_layers": []}, {}),  # no memory at all: only the KV tails are carried
     ("mag", "full", {"pipeline_group": 2}, {}),  # waves split into calls of at most 2 layers
+    ("mal", "none", {"persistent_write": True}, {}),  # every layer's document start from its P
 ])
 def test_pipelined_layers_equal_the_segment_major_order(variant, remat, titans, model_kw):
     """titans.pipeline_layers runs the (layer, segment) grid by anti-diagonals: loss, final carry, memory stats
@@ -486,6 +490,9 @@ def test_bad_config_exits_2_with_one_line(override, key, tmp_path):
     ({"memory_layers": [2], "chunk_size": 4}, "model.titans.memory_layers"),
     ({"memory_layers": [0, 0], "chunk_size": 4}, "model.titans.memory_layers"),
     ({"memory_layers": [1], "pipeline_layers": True, "chunk_size": 4}, "model.titans.pipeline_layers"),
+    ({"variant": "mac", "persistent_write": True, "chunk_size": 4}, "model.titans.persistent_write"),
+    ({"variant": "mag", "num_persistent": 0, "persistent_write": True, "chunk_size": 4},
+     "model.titans.persistent_write"),
 ])
 def test_model_config_errors(titans, match):
     with pytest.raises(UserError, match=match):
