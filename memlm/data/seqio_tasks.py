@@ -243,9 +243,15 @@ def tfds_prepare_lock(tfds_data_dir: str) -> Iterator[None]:
     """One process at a time prepares into a TFDS directory. TFDS writes a config into `incomplete.*` and renames
     it into place; a second process preparing the same config at once (two `memlm train` runs started together
     on fresh data) failed that rename. An advisory flock on <tfds_data_dir>/.memlm-prepare.lock: whoever waited
-    then finds the config prepared and only reads it."""
-    os.makedirs(tfds_data_dir, exist_ok=True)
-    with open(os.path.join(tfds_data_dir, PREPARE_LOCK), "a") as lock:
+    then finds the config prepared and only reads it. A directory this process cannot write (a shared, already
+    prepared copy) is only read, so it goes without the lock."""
+    try:
+        os.makedirs(tfds_data_dir, exist_ok=True)
+        lock = open(os.path.join(tfds_data_dir, PREPARE_LOCK), "a")
+    except OSError:
+        yield
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -497,3 +497,12 @@ def test_tfds_prepare_runs_under_the_directory_lock(tmp_path, monkeypatch):
     seqio_tasks.prepare_pg19(str(tmp_path / "pg"), "train", str(tfds_dir))
     assert seen == [("made", True), ("prepared", True)]
     assert not locked()  # released
+
+    # a TFDS directory this process cannot write (a shared, prepared copy) is read without the lock
+    def read_only(path, exist_ok=False):
+        raise PermissionError(13, "Permission denied", path)
+
+    seen.clear()
+    monkeypatch.setattr(seqio_tasks.os, "makedirs", read_only)
+    seqio_tasks.prepare_pg19(str(tmp_path / "pg"), "train", str(tfds_dir))
+    assert seen == [("made", False), ("prepared", False)]
