@@ -24,6 +24,12 @@ def make(kind: str, seg_len: int = 8, n_seg: int = 4, batch: int = 2, seed: int 
         return cfg, build_model(cfg.model, nnx.Rngs(seed))
 
 
+def stacked_layer(blocks, i: int):
+    """Layer i of a stacked block module (make_stacked_blocks), as its own module."""
+    graphdef, stacked = nnx.split(blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
+
+
 def make_batch(cfg, seed: int = 0, lo: int = 3, hi: int = 259) -> dict:
     b, s, l = cfg.train.batch_size, cfg.data.n_segments, cfg.data.segment_len
     rng = np.random.default_rng(seed)

@@ -16,7 +16,7 @@ from memlm.errors import UserError
 from memlm.layers.attention import causal_mask
 from memlm.memory.lm2 import LM2Memory
 from tests.core.cli_utils import run_memlm
-from tests.memory.common import make, make_batch, stream_logits
+from tests.memory.common import make, make_batch, stacked_layer, stream_logits
 
 pytestmark = pytest.mark.unit
 
@@ -170,11 +170,6 @@ def test_streaming_equals_training_forward(bank, shape):
     assert {"gate_in", "gate_forget", "gate_out", "memory_norm"} <= set(aux)
 
 
-def _layer(model, i: int):
-    graphdef, stacked = nnx.split(model.decoder.blocks)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
-
-
 @pytest.mark.parametrize("gate_mode", ["causal", "sequence_mean_leaky"])
 def test_shared_bank_chains_the_writes_block_to_block(gate_mode):
     """`bank: shared`, spelled out as a loop over the blocks with each block's own read and write: every block
@@ -191,7 +186,7 @@ def test_shared_bank_chains_the_writes_block_to_block(gate_mode):
         x = dec.add_positions(dec.embed(seg), pos)
         chain = bank
         for i in range(cfg.model.n_layers):
-            block = _layer(model, i)
+            block = stacked_layer(model.decoder.blocks, i)
             e = block.attn_norm(x)
             read_from = chain if gate_mode == "sequence_mean_leaky" else bank
             e_mem, w = block.memory.read(e, read_from)

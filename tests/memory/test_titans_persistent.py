@@ -9,17 +9,11 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.chunked_memory.reference import chunked_memory_reference
-from tests.memory.common import make
+from tests.memory.common import make, stacked_layer
 
 pytestmark = pytest.mark.unit
 
 N_P = 3
-
-
-def _layer(blocks, j: int):
-    """Layer j of a stacked block module, as its own module."""
-    graphdef, state = nnx.split(blocks)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
 
 
 def _conv_tail_and_out(z: jax.Array, w: jax.Array) -> jax.Array:
@@ -78,7 +72,7 @@ def test_document_start_carry_is_p_through_the_token_loop(variant, titans):
     w_changed = False
     for layer in range(cfg.model.n_layers):
         j = mem_layers.index(layer) if layer in mem_layers else sum(1 for i in range(layer) if i not in mem_layers)
-        block = _layer(model.decoder.blocks if layer in mem_layers else model.decoder.plain_blocks, j)
+        block = stacked_layer(model.decoder.blocks if layer in mem_layers else model.decoder.plain_blocks, j)
         want = _expected(block, cfg.model)
         for b in range(B):
             if "mem" in want:
