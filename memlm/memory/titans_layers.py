@@ -285,15 +285,15 @@ class TitansBlock(nnx.Module):
         return a.wo(out.reshape(b, lq, cfg.n_heads * cfg.hd)), new_tail
 
     # ---- memory ------------------------------------------------------------------------------------------
-    def _memory(self, x_q, x_kv, mem: dict, streams: tuple[str, str, str], after: bool):
+    def _memory(self, x_q, x_kv, mem: dict, streams: tuple[str, str, str], after: bool, chunk_size: int | None = None):
         """Project (queries from x_q, keys/values/gates from x_kv), update and read. streams: conv-tail names
-        for q, k, v. Returns (m f32 [B, T, d], new mem dict, stats)."""
+        for q, k, v; chunk_size: default titans.chunk_size. Returns (m f32 [B, T, d], new mem dict, stats)."""
         nm, conv = self.memory, dict(mem["conv"])
         q, conv[streams[0]] = nm.project(x_q, "q", conv.get(streams[0]), True)
         k, conv[streams[1]] = nm.project(x_kv, "k", conv.get(streams[1]), True)
         v, conv[streams[2]] = nm.project(x_kv, "v", conv.get(streams[2]), self.cfg.titans.normalize_values)
-        theta, eta, alpha = nm.gate_values(x_kv)
-        m, w, s = nm.write_read(mem["w"], mem["s"], q, k, v, theta, eta, alpha, after)
+        theta, eta, alpha = nm.gate_values(x_kv, chunk_size)
+        m, w, s = nm.write_read(mem["w"], mem["s"], q, k, v, theta, eta, alpha, after, chunk_size)
         new = {"w": w, "s": s, "conv": {n: t for n, t in conv.items() if t is not None}}
         return m.reshape(x_q.shape[:2] + (-1,)), new, memory_stats(theta, eta, alpha, w, s)
 
@@ -313,20 +313,14 @@ class TitansBlock(nnx.Module):
         p = self.persistent[...].astype(jnp.dtype(cfg.dtype))[None]  # [1, N_p, d]
         out, x = {}, p
         if self.has_memory:
-            nm = self.memory
             e_m = self.mem_norm(p) if self.variant == "mal" else p
-            tail = jnp.zeros((1, tc.conv_kernel - 1, cfg.d_model), p.dtype) if tc.conv_kernel > 1 else None
-            q, tq = nm.project(e_m, "q", tail, True)
-            k, tk = nm.project(e_m, "k", tail, True)
-            v, tv = nm.project(e_m, "v", tail, tc.normalize_values)
-            w0 = tuple(m[None].astype(jnp.float32) for m in nm.m0())
-            m, w, s = nm.write_read(w0, tuple(jnp.zeros_like(a) for a in w0), q, k, v, *nm.gate_values(e_m, 1),
-                                    after=False, chunk_size=1)
-            conv = {} if tail is None else {"q": tq, "k": tk, "v": tv}
-            out["mem"] = {"w": w, "s": s, "conv": conv}
+            w0 = tuple(m[None].astype(jnp.float32) for m in self.memory.m0())
+            tail = jnp.zeros((1, tc.conv_kernel - 1, cfg.d_model), p.dtype)
+            start = {"w": w0, "s": tuple(jnp.zeros_like(w) for w in w0),
+                     "conv": {n: tail for n in ("q", "k", "v")} if tc.conv_kernel > 1 else {}}
+            m, out["mem"], _ = self._memory(e_m, e_m, start, ("q", "k", "v"), False, chunk_size=1)
             if self.variant == "mal":
-                m = m.reshape(p.shape).astype(p.dtype)
-                x = p + self.w_out(self.norm_m(m) * jax.nn.sigmoid(self.w_gate(e_m)))
+                x = p + self.w_out(self.norm_m(m.astype(p.dtype)) * jax.nn.sigmoid(self.w_gate(e_m)))
         if self.variant == "mal":
             e, a = self.attn_norm(x), self.attn
             out["kv"] = (a.wk(e).reshape(1, self.n_p, cfg.kv_heads, cfg.hd),
