@@ -1,6 +1,6 @@
 """titans.persistent_write (the paper's x~ = [P || x], eq. 26 / 29): the document-start carry against the token
 loop run on each layer's persistent tokens, and MAL's attention reaching P only inside the first window.
-Causality, memory reach and streaming with the option run in tests/memory/test_titans.py (CASES *_pw)."""
+Causality, memory reach and streaming with the option run in tests/memory/test_titans.py (CASES mal_pw)."""
 
 import jax
 import jax.numpy as jnp
